@@ -1,0 +1,149 @@
+"""Resumable training checkpoints and the compact inference export.
+
+- Training checkpoint (``torch.save``, loaded with ``weights_only=True``): student, EMA, optimizer,
+  step/epoch, fairness state, RNG states, config and run identity. Written atomically (temp + rename).
+- Inference export (safetensors): ``visual.*`` + ``classifier`` tensors; metadata holds class names,
+  preprocessing and the open_clip model config, so it loads without the text tower, optimizer or any
+  download.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from must_core.errors import CheckpointError, ModelLoadError
+
+FORMAT_VERSION = 1
+INFERENCE_FORMAT = "must-classifier/1"
+
+
+def atomic_write(path: Path, write: Any) -> None:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": _py_state_to_tensor(random.getstate()),
+        "numpy": _np_state_to_tensors(np.random.get_state()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_tensor_to_py_state(state["python"]))
+    np.random.set_state(_tensors_to_np_state(state["numpy"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# weights_only loading accepts tensors and plain containers only: encode RNG states accordingly.
+def _py_state_to_tensor(s: tuple[Any, ...]) -> dict[str, Any]:
+    version, internal, gauss = s
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss}
+
+
+def _tensor_to_py_state(d: dict[str, Any]) -> tuple[Any, ...]:
+    return (d["version"], tuple(int(x) for x in d["internal"].tolist()), d["gauss"])
+
+
+def _np_state_to_tensors(s: tuple[Any, ...]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = s
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached": float(cached)}
+
+
+def _tensors_to_np_state(d: dict[str, Any]) -> tuple[Any, ...]:
+    keys = d["keys"].numpy().astype(np.uint32)
+    return (d["name"], keys, d["pos"], d["has_gauss"], d["cached"])
+
+
+def save_training_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path} is not a MUST training checkpoint (format {FORMAT_VERSION})")
+    return data
+
+
+def export_classifier(
+    path: Path,
+    state_dict: dict[str, torch.Tensor],
+    *,
+    class_names: list[str],
+    preprocess: dict[str, Any],
+    model_cfg: dict[str, Any],
+    logit_scale: float,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """Write the inference format: vision tower + classifier only (no MIM modules, no text tower)."""
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous()
+        for k, v in state_dict.items()
+        if k.startswith("visual.") or k == "classifier"
+    }
+    meta = {
+        "format": INFERENCE_FORMAT,
+        "class_names": json.dumps(class_names),
+        "preprocess": json.dumps(preprocess),
+        "model_cfg": json.dumps(model_cfg),
+        "logit_scale": repr(float(logit_scale)),
+        "extra": json.dumps(extra or {}),
+    }
+    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def read_classifier(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and decoded metadata of an inference export."""
+    if not path.is_file():
+        raise ModelLoadError(f"adapted model file not found: {path}")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read adapted model {path}: {exc}") from exc
+    if raw.get("format") != INFERENCE_FORMAT:
+        raise ModelLoadError(f"{path} is not a MUST classifier export ({INFERENCE_FORMAT})")
+    meta = {
+        "class_names": json.loads(raw["class_names"]),
+        "preprocess": json.loads(raw["preprocess"]),
+        "model_cfg": json.loads(raw["model_cfg"]),
+        "logit_scale": float(raw["logit_scale"]),
+        "extra": json.loads(raw.get("extra", "{}")),
+    }
+    return tensors, meta

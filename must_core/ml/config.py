@@ -1,0 +1,203 @@
+"""One typed, validated configuration object for every MUST hyperparameter.
+
+Defaults target an *unknown* dataset on one device (see docs/algorithm.md, "Defaults"). The reference's
+per-dataset settings (spec §7) are available as named presets; a preset is applied first, then explicit
+overrides.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from must_core.errors import InvalidConfigError
+
+
+class BaseModelSpec(BaseModel):
+    """Where the base CLIP comes from.
+
+    Exactly one of these forms:
+    - ``arch`` (+ ``pretrained`` tag): an open_clip architecture name; the tag downloads weights where the
+      machine has internet (``pretrained=None`` gives random weights, for tests);
+    - ``arch`` + ``checkpoint``: a local checkpoint file (state dict, .pt/.bin/.safetensors);
+    - ``config`` (+ ``checkpoint``): a custom open_clip model-config JSON file, registered under ``arch``
+      (or the file stem) before the model is built;
+    - ``arch="local-dir:/path"``: an open_clip folder with open_clip_config.json +
+      open_clip_model.safetensors.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    arch: str = Field("ViT-B-16", min_length=1, max_length=300)
+    pretrained: str | None = Field(None, max_length=300)
+    checkpoint: str | None = Field(None, max_length=4096)
+    config: str | None = Field(None, max_length=4096)
+    # OpenAI weights were trained with QuickGELU (spec §1.2); None = decide from the pretrained tag.
+    force_quick_gelu: bool | None = None
+
+
+class MustConfig(BaseModel):
+    """Every MUST hyperparameter and runtime option. Immutable; build with :func:`make_config`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- schedule -------------------------------------------------------------------------
+    epochs: int = Field(20, ge=1, le=10_000)  # passes over the unlabeled set
+    # Small datasets give very few optimizer steps (spec §11); train at least this many.
+    min_steps: int = Field(0, ge=0, le=10_000_000)
+    batch_size: int = Field(64, ge=1, le=4096)  # global batch (one process)
+    lr: float = Field(2e-5, gt=0, le=1.0)  # per 256 images; scaled by batch_size/256 (spec §5)
+    min_lr: float = Field(1e-6, ge=0, le=1.0)  # per 256 images
+    weight_decay: float = Field(0.05, ge=0, le=1.0)
+    layer_decay: float = Field(0.65, gt=0, le=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+    # --- self-training --------------------------------------------------------------------
+    conf_threshold: float = Field(0.5, ge=0.0, lt=1.0)  # strict '>' on teacher max-prob (tau)
+    logit_scale: float = Field(100.0, gt=0)  # constant scale of cosine logits (spec §1.1.5)
+
+    # --- masking / MIM --------------------------------------------------------------------
+    mask_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    # None: the smallest multiple of the model patch size that is >= 2 patches and divides the image size.
+    mask_patch_size: int | None = Field(None, ge=1)
+    mim_weight: float = Field(1.0, ge=0)  # fixed at 1 in the reference
+
+    # --- regularisers ---------------------------------------------------------------------
+    align_weight: float = Field(0.2, ge=0)
+    fair_weight: float = Field(1.0, ge=0)
+    # K >= this uses the 2-step moving-average fairness variant (spec §3.2 variant B).
+    fair_moving_average_min_classes: int = Field(512, ge=1)
+
+    # --- EMA teacher ----------------------------------------------------------------------
+    ema_decay_init: float = Field(0.99, ge=0, lt=1)
+    ema_decay_final: float = Field(0.9998, ge=0, lt=1)
+    ema_warmup_steps: int = Field(100, ge=0)
+    # The reference's EMA schedule is in iterations at a global batch of 1024. With
+    # ema_batch_scaling, warm-up steps and decays are rescaled by k = reference_batch_size/batch_size
+    # (warm·k, d^(1/k)) so the per-epoch dynamics match the reference (spec §11). Deviation, documented.
+    ema_batch_scaling: bool = True
+    reference_batch_size: int = Field(1024, ge=1)
+
+    # --- strong augmentation --------------------------------------------------------------
+    randaug_num_ops: int = Field(2, ge=0, le=10)
+    randaug_magnitude: float = Field(9.0, ge=0, le=10)
+    randaug_magnitude_std: float = Field(0.5, ge=0)
+    strong_crop_scale: tuple[float, float] = (0.3, 1.0)
+
+    # --- runtime --------------------------------------------------------------------------
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    num_threads: int | None = Field(None, ge=1, le=512)  # torch CPU threads; None: leave as is
+    num_workers: int | None = Field(None, ge=0, le=64)  # loader workers; None: 0 on CPU, 8 on CUDA
+    eval_batch_size: int = Field(128, ge=1, le=4096)
+    checkpoint_every_steps: int = Field(200, ge=1)
+    progress_every_steps: int = Field(10, ge=1)
+    grad_checkpointing: bool = False
+    export_ema: bool = True  # also export the EMA teacher as model_ema.safetensors
+
+    @model_validator(mode="after")
+    def _check(self) -> MustConfig:
+        if self.min_lr > self.lr:
+            raise ValueError("min_lr must not exceed lr")
+        lo, hi = self.strong_crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError("strong_crop_scale must satisfy 0 < lo <= hi <= 1")
+        if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
+            raise ValueError("betas must lie in [0, 1)")
+        return self
+
+
+# Reference settings per dataset (spec §7, salesforce/MUST train_configs.json), expressed at the
+# reference global batch of 1024 (lr values are per 256, as in the reference). Running them at a smaller
+# batch keeps the lr rule (lr·N/256) and, with ema_batch_scaling, the EMA per-epoch dynamics.
+_REF_COMMON: dict[str, Any] = {"batch_size": 1024, "min_lr": 1e-6, "ema_decay_final": 0.9998}
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "imagenet_vit_b16": {"mask_patch_size": 32, "mask_ratio": 0.3, "ema_decay_init": 0.999,
+                         "ema_warmup_steps": 2000, "align_weight": 0.2, "fair_weight": 1.0,
+                         "conf_threshold": 0.7, "lr": 2e-5, "epochs": 30},
+    "imagenet_vit_l14": {"mask_patch_size": 56, "mask_ratio": 0.3, "ema_decay_init": 0.999,
+                         "ema_warmup_steps": 2000, "align_weight": 0.5, "fair_weight": 1.0,
+                         "conf_threshold": 0.5, "lr": 4e-5, "epochs": 20},
+    "sun397_vit_b16": {"mask_patch_size": 32, "mask_ratio": 0.1, "ema_decay_init": 0.99,
+                       "ema_warmup_steps": 500, "align_weight": 1.0, "fair_weight": 0.2,
+                       "conf_threshold": 0.4, "lr": 1e-4, "epochs": 20},
+    "sun397_vit_l14": {"mask_patch_size": 28, "mask_ratio": 0.2, "ema_decay_init": 0.99,
+                       "ema_warmup_steps": 500, "align_weight": 0.5, "fair_weight": 0.2,
+                       "conf_threshold": 0.3, "lr": 2e-4, "epochs": 20},
+    "food101_vit_b16": {"mask_patch_size": 32, "mask_ratio": 0.1, "ema_decay_init": 0.999,
+                        "ema_warmup_steps": 2000, "align_weight": 0.1, "fair_weight": 1.0,
+                        "conf_threshold": 0.7, "lr": 2e-5, "epochs": 40},
+    "food101_vit_l14": {"mask_patch_size": 56, "mask_ratio": 0.1, "ema_decay_init": 0.999,
+                        "ema_warmup_steps": 2000, "align_weight": 0.1, "fair_weight": 1.0,
+                        "conf_threshold": 0.7, "lr": 4e-5, "epochs": 40},
+    "gtsrb_vit_b16": {"mask_patch_size": 32, "mask_ratio": 0.5, "ema_decay_init": 0.99,
+                      "ema_warmup_steps": 500, "align_weight": 0.5, "fair_weight": 1.0,
+                      "conf_threshold": 0.3, "lr": 2e-5, "epochs": 20},
+    "gtsrb_vit_l14": {"mask_patch_size": 56, "mask_ratio": 0.3, "ema_decay_init": 0.99,
+                      "ema_warmup_steps": 500, "align_weight": 0.5, "fair_weight": 1.0,
+                      "conf_threshold": 0.2, "lr": 4e-5, "epochs": 20},
+    "dtd_vit_b16": {"mask_patch_size": 32, "mask_ratio": 0.1, "ema_decay_init": 0.99,
+                    "ema_warmup_steps": 100, "align_weight": 0.2, "fair_weight": 1.0,
+                    "conf_threshold": 0.4, "lr": 2e-5, "epochs": 60},
+    "dtd_vit_l14": {"mask_patch_size": 56, "mask_ratio": 0.1, "ema_decay_init": 0.99,
+                    "ema_warmup_steps": 100, "align_weight": 0.5, "fair_weight": 1.0,
+                    "conf_threshold": 0.5, "lr": 4e-5, "epochs": 60},
+    "ucf101_vit_b16": {"mask_patch_size": 16, "mask_ratio": 0.1, "ema_decay_init": 0.99,
+                       "ema_warmup_steps": 500, "align_weight": 0.5, "fair_weight": 1.0,
+                       "conf_threshold": 0.5, "lr": 1e-5, "epochs": 60},
+    "ucf101_vit_l14": {"mask_patch_size": 28, "mask_ratio": 0.1, "ema_decay_init": 0.99,
+                       "ema_warmup_steps": 500, "align_weight": 0.5, "fair_weight": 1.0,
+                       "conf_threshold": 0.6, "lr": 2e-5, "epochs": 60},
+    "pets_vit_b16": {"mask_patch_size": 32, "mask_ratio": 0.1, "ema_decay_init": 0.99,
+                     "ema_warmup_steps": 100, "align_weight": 0.2, "fair_weight": 1.0,
+                     "conf_threshold": 0.7, "lr": 1e-5, "epochs": 60},
+    "caltech101_vit_b16": {"mask_patch_size": 32, "mask_ratio": 0.1, "ema_decay_init": 0.99,
+                           "ema_warmup_steps": 100, "align_weight": 0.2, "fair_weight": 1.0,
+                           "conf_threshold": 0.7, "lr": 1e-5, "epochs": 60},
+}
+for _name, _vals in PRESETS.items():
+    if _name != "default":
+        _vals.update(_REF_COMMON)
+
+
+def make_config(preset: str | None = None, **overrides: Any) -> MustConfig:
+    """Build a validated config from a preset name plus overrides.
+
+    Raises:
+        InvalidConfigError: unknown preset, unknown key or out-of-range value (message lists every problem).
+    """
+    name = preset or "default"
+    if name not in PRESETS:
+        raise InvalidConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return MustConfig(**values)
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise InvalidConfigError(_format_validation(exc)) from exc
+
+
+def _format_validation(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors():
+            loc = ".".join(str(p) for p in err.get("loc", ())) or "config"
+            parts.append(f"{loc}: {err.get('msg')}")
+        return "; ".join(parts)
+    return str(exc)
+
+
+def ema_schedule_params(cfg: MustConfig) -> tuple[float, float, int]:
+    """(d_init, d_final, warm_it) at this config's batch size (see ``ema_batch_scaling``)."""
+    if not cfg.ema_batch_scaling or cfg.batch_size == cfg.reference_batch_size:
+        return cfg.ema_decay_init, cfg.ema_decay_final, cfg.ema_warmup_steps
+    k = cfg.reference_batch_size / cfg.batch_size
+    return (
+        cfg.ema_decay_init ** (1.0 / k),
+        cfg.ema_decay_final ** (1.0 / k),
+        round(cfg.ema_warmup_steps * k),
+    )

@@ -1,0 +1,323 @@
+"""Local image folders, the weak/strong views and the eval transform (spec §6).
+
+Folders may be flat or have class subfolders (names ignored for training), are scanned recursively, and
+may contain anything: files that are not decodable images are skipped and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+
+from must_core.errors import DatasetError, EmptyDatasetError
+from must_core.ml.masking import MaskGenerator
+from must_core.ml.model import Preprocess
+
+_logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
+# Decompression-bomb guard: refuse images above this many pixels (PIL warns at 89 M by default).
+MAX_IMAGE_PIXELS = 178_956_970
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+@dataclass
+class ScanResult:
+    """Decodable images found under a folder, plus what was skipped and why."""
+
+    files: list[Path]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF-rotate and convert any mode (L, P, CMYK, I;16, RGBA/LA with alpha) to RGB.
+
+    Transparent pixels are composited on white so that their hidden colour does not leak in.
+    """
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = float(arr.max()) or 1.0
+        img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8))
+    return img.convert("RGB")
+
+
+def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
+    """Decode an image file fully to RGB. Raises OSError/ValueError/DecompressionBombError on bad files.
+
+    ``draft_size`` lets JPEG decode at reduced scale (still >= the requested size) to save CPU.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if draft_size is not None and img.format == "JPEG":
+                img.draft("RGB", (draft_size, draft_size))
+            img.load()
+            return to_rgb(img)
+
+
+def _probe(path: Path) -> str | None:
+    """None if the file decodes, else a short reason."""
+    try:
+        img = load_image(path, draft_size=64)
+        if img.width < 1 or img.height < 1:
+            return "empty image"
+    except Image.DecompressionBombError:
+        return "image too large (decompression bomb guard)"
+    except Image.DecompressionBombWarning:
+        return "image too large (decompression bomb guard)"
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+        return f"not a decodable image ({type(exc).__name__})"
+    except Exception as exc:  # a corrupt file must never abort a scan
+        return f"decode error ({type(exc).__name__})"
+    return None
+
+
+def list_candidate_files(root: Path) -> list[Path]:
+    """Files with an image extension under root (recursive, sorted, symlinks not followed out)."""
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found or not a directory: {root}")
+    out = []
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."):
+            out.append(p)
+    return out
+
+
+def scan_images(root: Path, workers: int = 4) -> ScanResult:
+    """Find every decodable image under ``root``; corrupt/unreadable files are skipped and counted."""
+    candidates = list_candidate_files(root)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        reasons = list(pool.map(_probe, candidates))
+    files, skipped = [], []
+    for path, reason in zip(candidates, reasons, strict=True):
+        if reason is None:
+            files.append(path)
+        else:
+            skipped.append((str(path.relative_to(root)), reason))
+    if skipped:
+        _logger.warning("skipped %d undecodable files under %s", len(skipped), root)
+    return ScanResult(files=files, skipped=skipped)
+
+
+def require_images(scan: ScanResult, root: Path) -> None:
+    if not scan.files:
+        detail = f" ({scan.num_skipped} files could not be decoded)" if scan.skipped else ""
+        raise EmptyDatasetError(f"no decodable images found under {root}{detail}")
+
+
+def _interp(name: str) -> T.InterpolationMode:
+    return {
+        "bicubic": T.InterpolationMode.BICUBIC,
+        "bilinear": T.InterpolationMode.BILINEAR,
+        "nearest": T.InterpolationMode.NEAREST,
+    }.get(name, T.InterpolationMode.BICUBIC)
+
+
+def eval_transform(pp: Preprocess) -> T.Compose:
+    """Deterministic test transform: shortest-side resize, centre crop, normalise (open_clip val)."""
+    return T.Compose(
+        [
+            T.Resize(pp.image_size, interpolation=_interp(pp.interpolation)),
+            T.CenterCrop(pp.image_size),
+            T.ToTensor(),
+            T.Normalize(pp.mean, pp.std),
+        ]
+    )
+
+
+def weak_transform(pp: Preprocess) -> T.Compose:
+    """Teacher view: resize shorter side, random crop; no flip, no colour (spec §6)."""
+    return T.Compose(
+        [
+            T.Resize(pp.image_size, interpolation=_interp(pp.interpolation)),
+            T.RandomCrop(pp.image_size),
+            T.ToTensor(),
+            T.Normalize(pp.mean, pp.std),
+        ]
+    )
+
+
+def strong_transform(
+    pp: Preprocess,
+    scale: tuple[float, float] = (0.3, 1.0),
+    num_ops: int = 2,
+    magnitude: float = 9.0,
+    magnitude_std: float = 0.5,
+) -> T.Compose:
+    """Student view: timm's RandomResizedCrop + flip + RandAugment 'rand-m9-mstd0.5-inc1' (spec §6)."""
+    from timm.data import create_transform
+
+    aa = f"rand-m{magnitude:g}-n{num_ops}-mstd{magnitude_std:g}-inc1" if num_ops > 0 else None
+    return create_transform(  # type: ignore[no-any-return]
+        input_size=pp.image_size,
+        is_training=True,
+        scale=scale,
+        hflip=0.5,
+        color_jitter=0.0,
+        auto_augment=aa,
+        interpolation="bicubic",
+        mean=pp.mean,
+        std=pp.std,
+        re_prob=0.0,
+    )
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled, drop-last order that is a pure function of (seed, epoch): resumable mid-epoch.
+
+    Yields ``epoch * n + index`` so the dataset knows the epoch for per-sample seeding, which keeps
+    augmentation and masks reproducible whatever the number of loader workers.
+    """
+
+    def __init__(
+        self, n: int, batch_size: int, seed: int, start_epoch: int, start_step: int, epochs: int
+    ) -> None:
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.start_epoch, self.start_step, self.epochs = start_epoch, start_step, epochs
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n // self.batch_size
+
+    def order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch_size]
+
+    def __iter__(self) -> Iterator[int]:
+        for epoch in range(self.start_epoch, self.epochs):
+            order = self.order(epoch)
+            skip = self.start_step * self.batch_size if epoch == self.start_epoch else 0
+            for idx in order[skip:].tolist():
+                yield epoch * self.n + idx
+
+    def __len__(self) -> int:
+        total = (self.epochs - self.start_epoch) * self.steps_per_epoch * self.batch_size
+        return max(0, total - self.start_step * self.batch_size)
+
+
+class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """(weak view, strong view, token mask) per image, seeded by (seed, epoch, index)."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        weak: T.Compose,
+        strong: T.Compose,
+        masks: MaskGenerator,
+        seed: int,
+        draft_size: int | None = None,
+    ) -> None:
+        self.files = list(files)
+        self.weak, self.strong, self.masks = weak, strong, masks
+        self.seed = seed
+        self.draft_size = draft_size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def _decode(self, idx: int) -> Image.Image:
+        # Files were probed at scan time; if one changed since, fall back to a neighbour rather than
+        # killing the run.
+        for k in range(len(self.files)):
+            path = self.files[(idx + k) % len(self.files)]
+            try:
+                return load_image(path, self.draft_size)
+            except Exception as exc:
+                _logger.warning("cannot decode %s during training: %s", path, exc)
+        raise EmptyDatasetError("no image in the dataset can be decoded any more")
+
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = len(self.files)
+        epoch, idx = divmod(int(key), n)
+        img = self._decode(idx)
+        sample_seed = [self.seed, epoch, idx]
+        rng = np.random.default_rng(sample_seed)
+        torch_seed = int(rng.integers(0, 2**62))
+        # timm/torchvision draw from the global python/torch RNGs: seed them per sample, restoring the
+        # caller's state so the training loop's RNG stream is untouched.
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(torch_seed)
+            torch.manual_seed(torch_seed)
+            weak = self.weak(img)
+            strong = self.strong(img)
+        random.setstate(py_state)
+        mask = torch.from_numpy(self.masks(rng))
+        return weak, strong, mask
+
+
+class EvalDataset(Dataset[tuple[torch.Tensor, int]]):
+    """Labelled images (label = class index) with the eval transform."""
+
+    def __init__(self, items: Sequence[tuple[Path, int]], transform: T.Compose) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        return self.transform(load_image(path)), label
+
+
+def normalize_class_key(name: str) -> str:
+    """Folder ↔ class-name matching key: case-insensitive, '_' and '-' count as spaces."""
+    return " ".join(name.replace("_", " ").replace("-", " ").split()).casefold()
+
+
+def scan_labelled(root: Path, class_names: Sequence[str]) -> tuple[list[tuple[Path, int]], ScanResult]:
+    """Eval folder with one subfolder per class, matched to ``class_names`` by name (spec §10.7).
+
+    Raises:
+        DatasetError: missing folder, no class subfolders, or subfolders that match no class.
+    """
+    if not root.is_dir():
+        raise DatasetError(f"eval folder not found or not a directory: {root}")
+    index = {normalize_class_key(c): i for i, c in enumerate(class_names)}
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not subdirs:
+        raise DatasetError(f"eval folder {root} has no class subfolders")
+    unknown = [d.name for d in subdirs if normalize_class_key(d.name) not in index]
+    if unknown:
+        raise DatasetError(
+            f"eval subfolders do not match any class name: {unknown[:10]}"
+            + (f" (+{len(unknown) - 10} more)" if len(unknown) > 10 else "")
+        )
+    items: list[tuple[Path, int]] = []
+    all_files: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    for d in subdirs:
+        scan = scan_images(d)
+        label = index[normalize_class_key(d.name)]
+        items.extend((f, label) for f in scan.files)
+        all_files.extend(scan.files)
+        skipped.extend((f"{d.name}/{s}", r) for s, r in scan.skipped)
+    if not items:
+        raise EmptyDatasetError(f"no decodable images found under eval folder {root}")
+    return items, ScanResult(files=all_files, skipped=skipped)
