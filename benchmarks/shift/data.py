@@ -1,0 +1,250 @@
+"""Procedural source and target domains for the shift benchmark (seeded, pure PIL + numpy).
+
+Source domain ("clean icons"): one filled shape in a saturated colour on a flat pale background,
+with a caption built from templates ("a small red star in the top left."). It is the pretraining
+set of image–caption pairs.
+
+Target domain ("cluttered sketches"): the same ten shape classes, but drawn as thick outlines
+(sometimes hatched), on a dark, noisy, textured background with distractor strokes, then blurred
+and corrupted by pixel noise. Colours are inverted relative to the source (light strokes on dark
+ground). The class is still obvious to a human, but the pixel statistics differ strongly from the
+source, so a CLIP pretrained on the source loses much of its zero-shot accuracy there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+CLASSES: tuple[str, ...] = (
+    "circle", "square", "triangle", "star", "cross",
+    "diamond", "ring", "crescent", "arrow", "hexagon",
+)
+# Prompt templates for the zero-shot classifier (the benchmark passes them to the engine).
+TEMPLATES: tuple[str, ...] = (
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a {} shape.",
+    "an image of the {}.",
+)
+
+_COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (230, 200, 20),
+    "purple": (140, 40, 180), "orange": (240, 130, 20), "black": (20, 20, 20), "pink": (240, 90, 170),
+}
+_CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {size} {colour} {shape} in the {pos}.",
+    "a photo of a {colour} {shape}.",
+    "a {shape}.",
+    "a {size} {shape} on a plain background.",
+    "a picture of a {shape} in the {pos}.",
+    "a {colour} {shape}, {size}.",
+    "an image of the {shape}.",
+    "a {shape} shape, {colour}.",
+)
+RENDER = 128  # draw at 4x and downsample for anti-aliasing
+IMAGE_SIZE = 32
+
+
+def _polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
+    return [(cx + r * math.cos(rot + 2 * math.pi * i / n), cy + r * math.sin(rot + 2 * math.pi * i / n))
+            for i in range(n)]
+
+
+def _rotate(points: list[tuple[float, float]], cx: float, cy: float, a: float) -> list[tuple[float, float]]:
+    c, s = math.cos(a), math.sin(a)
+    return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
+
+
+def shape_outline(name: str, cx: float, cy: float, r: float, rot: float) -> list[list[tuple[float, float]]]:
+    """Closed polygons (outer first; a second one is a hole) approximating the shape."""
+    up = -math.pi / 2 + rot
+    if name == "circle":
+        return [_polygon(cx, cy, r, 48, 0)]
+    if name == "ring":
+        return [_polygon(cx, cy, r, 48, 0), _polygon(cx, cy, r * 0.55, 48, 0)]
+    if name == "square":
+        return [_polygon(cx, cy, r * 1.15, 4, math.pi / 4 + rot)]
+    if name == "diamond":  # a tall rhombus, so no rotation turns a square into it
+        pts = [(cx, cy - r * 1.1), (cx + r * 0.62, cy), (cx, cy + r * 1.1), (cx - r * 0.62, cy)]
+        return [_rotate(pts, cx, cy, rot)]
+    if name == "triangle":
+        return [_polygon(cx, cy + r * 0.15, r * 1.15, 3, up)]
+    if name == "hexagon":
+        return [_polygon(cx, cy, r, 6, rot)]
+    if name == "star":
+        pts = []
+        for i in range(10):
+            rr = r * 1.1 if i % 2 == 0 else r * 0.45
+            a = up + math.pi * i / 5
+            pts.append((cx + rr * math.cos(a), cy + rr * math.sin(a)))
+        return [pts]
+    if name == "cross":
+        w = r * 0.36
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w),
+               (-r, -w), (-w, -w)]
+        return [_rotate([(cx + x, cy + y) for x, y in pts], cx, cy, rot)]
+    if name == "crescent":
+        outer = _polygon(cx, cy, r, 48, 0)
+        inner = _polygon(cx + r * 0.45, cy - r * 0.1, r * 0.8, 48, 0)
+        return [_rotate(outer, cx, cy, rot), _rotate(inner, cx, cy, rot)]
+    if name == "arrow":
+        h, s = r * 0.28, r * 0.1
+        pts = [(-r, -h), (s, -h), (s, -r * 0.75), (r, 0), (s, r * 0.75), (s, h), (-r, h)]
+        return [_rotate([(cx + x, cy + y) for x, y in pts], cx, cy, rot)]
+    raise ValueError(f"unknown shape {name!r}")
+
+
+def _shape_mask(name: str, cx: float, cy: float, r: float, rot: float, outline: int = 0) -> Image.Image:
+    """L-mode mask of the shape at RENDER size; ``outline`` > 0 draws only a stroke of that width."""
+    m = Image.new("L", (RENDER, RENDER), 0)
+    d = ImageDraw.Draw(m)
+    polys = shape_outline(name, cx, cy, r, rot)
+    if name == "crescent":  # outer minus an offset disc
+        d.polygon(polys[0], fill=255)
+        d.polygon(polys[1], fill=0)
+        if outline:
+            inner = m.filter(ImageFilter.MinFilter(2 * (outline // 2) + 1))
+            m = Image.fromarray(np.clip(np.asarray(m, np.int16) - np.asarray(inner, np.int16), 0, 255)
+                                .astype(np.uint8))
+        return m
+    if outline:
+        for poly in polys:
+            d.line([*poly, poly[0], poly[1]], fill=255, width=outline, joint="curve")
+        return m
+    d.polygon(polys[0], fill=255)
+    for hole in polys[1:]:
+        d.polygon(hole, fill=0)
+    return m
+
+
+def _place(rng: np.random.Generator) -> tuple[float, float, float, float, str, str]:
+    size = str(rng.choice(["small", "large"]))
+    r = RENDER * (rng.uniform(0.17, 0.24) if size == "small" else rng.uniform(0.27, 0.34))
+    margin = r * 1.15 + 2
+    cx = rng.uniform(margin, RENDER - margin)
+    cy = rng.uniform(margin, RENDER - margin)
+    rot = rng.uniform(-0.35, 0.35)
+    col = "left" if cx < RENDER / 2 else "right"
+    row = "top" if cy < RENDER / 2 else "bottom"
+    return cx, cy, r, rot, size, f"{row} {col}"
+
+
+def render_source(rng: np.random.Generator, label: int) -> tuple[Image.Image, str]:
+    """One source image (IMAGE_SIZE px RGB) and its caption."""
+    name = CLASSES[label]
+    cx, cy, r, rot, size, pos = _place(rng)
+    colour = str(rng.choice(list(_COLOURS)))
+    bg = tuple(int(v) for v in rng.integers(200, 256, size=3))
+    img = Image.new("RGB", (RENDER, RENDER), bg)
+    img.paste(_COLOURS[colour], mask=_shape_mask(name, cx, cy, r, rot))
+    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    tmpl = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
+    return img, tmpl.format(size=size, colour=colour, shape=name, pos=pos)
+
+
+def _texture(rng: np.random.Generator) -> np.ndarray:
+    """A dark, low-frequency noisy background with random stripes, float32 [RENDER, RENDER, 3]."""
+    base = rng.uniform(0, 70, size=3)
+    coarse = rng.uniform(-35, 35, size=(8, 8, 3)).astype(np.float32)
+    coarse_img = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((RENDER, RENDER),
+                           Image.Resampling.BICUBIC)) for c in range(3)], -1)
+    yy, xx = np.mgrid[0:RENDER, 0:RENDER].astype(np.float32)
+    a = rng.uniform(0, math.pi)
+    freq = rng.uniform(0.08, 0.25)
+    stripes = (np.sin((xx * math.cos(a) + yy * math.sin(a)) * freq) > 0).astype(np.float32)
+    return base + coarse_img + stripes[..., None] * rng.uniform(15, 45, size=3)
+
+
+def render_target(rng: np.random.Generator, label: int) -> Image.Image:
+    """One target image: light outline (or hatched) shape on dark clutter, blurred and noisy."""
+    name = CLASSES[label]
+    cx, cy, r, rot, _, _ = _place(rng)
+    arr = _texture(rng)
+    # Distractor strokes: random line segments in mid-bright colours.
+    clutter = Image.new("L", (RENDER, RENDER), 0)
+    dc = ImageDraw.Draw(clutter)
+    for _ in range(int(rng.integers(2, 5))):
+        x0, y0, x1, y1 = rng.uniform(0, RENDER, size=4)
+        dc.line([(x0, y0), (x1, y1)], fill=int(rng.integers(120, 200)), width=int(rng.integers(3, 7)))
+    arr += np.asarray(clutter, np.float32)[..., None] / 255.0 * rng.uniform(60, 140, size=3)
+    # The shape: a thick light outline, or a hatched fill.
+    stroke = int(rng.integers(7, 12))
+    if rng.random() < 0.5:
+        mask = np.asarray(_shape_mask(name, cx, cy, r, rot, outline=stroke), np.float32) / 255.0
+    else:
+        fill = np.asarray(_shape_mask(name, cx, cy, r, rot), np.float32) / 255.0
+        yy, xx = np.mgrid[0:RENDER, 0:RENDER].astype(np.float32)
+        hatch = ((xx + yy) % 12 < 6).astype(np.float32)
+        edge = np.asarray(_shape_mask(name, cx, cy, r, rot, outline=5), np.float32) / 255.0
+        mask = np.maximum(fill * hatch, edge)
+    colour = rng.uniform(170, 255, size=3)
+    arr = arr * (1 - mask[..., None]) + colour * mask[..., None]
+    img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 2.5)))
+    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(8, 20), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+
+
+@dataclass(frozen=True)
+class TargetSplits:
+    adapt_dir: Path  # unlabeled (flat folder)
+    val_dir: Path  # labelled, held out from the test set (for justifying defaults, never the test)
+    test_dir: Path  # labelled (one subfolder per class)
+
+
+def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
+    labels = np.arange(n) % len(CLASSES)
+    rng.shuffle(labels)
+    return labels
+
+
+def source_pairs(n: int, seed: int) -> Iterator[tuple[Image.Image, str, int]]:
+    rng = np.random.default_rng(seed)
+    for label in _balanced_labels(n, rng):
+        img, cap = render_source(rng, int(label))
+        yield img, cap, int(label)
+
+
+def write_target(root: Path, n_adapt: int, n_val: int, n_test: int, seed: int) -> TargetSplits:
+    """Write the target splits as PNG folders under ``root`` (skipped when already complete)."""
+    splits = TargetSplits(root / "adapt", root / "val", root / "test")
+    done = root / ".complete"
+    if done.exists():
+        return splits
+    for i, (sub, n, labelled) in enumerate(
+        ((splits.adapt_dir, n_adapt, False), (splits.val_dir, n_val, True), (splits.test_dir, n_test, True))
+    ):
+        rng = np.random.default_rng([seed, i])
+        sub.mkdir(parents=True, exist_ok=True)
+        for j, label in enumerate(_balanced_labels(n, rng)):
+            img = render_target(rng, int(label))
+            if labelled:
+                d = sub / CLASSES[label]
+                d.mkdir(exist_ok=True)
+                img.save(d / f"{j:05d}.png")
+            else:
+                img.save(sub / f"{j:05d}.png")  # unlabeled: names carry no class
+    done.write_text("ok\n")
+    return splits
+
+
+def write_source_eval(root: Path, n: int, seed: int) -> Path:
+    """A labelled source-domain test folder (to show the source accuracy of the pretrained CLIP)."""
+    done = root / ".complete"
+    if done.exists():
+        return root
+    rng = np.random.default_rng(seed)
+    for j, label in enumerate(_balanced_labels(n, rng)):
+        img, _ = render_source(rng, int(label))
+        d = root / CLASSES[label]
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{j:05d}.png")
+    done.write_text("ok\n")
+    return root

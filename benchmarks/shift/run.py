@@ -1,0 +1,230 @@
+"""The shift benchmark, end to end: data, tiny CLIP pretraining (cached), zero-shot, MUST + ablations.
+
+    python -m benchmarks.shift.run            # full documented run (2 threads, seeds 0 1 2)
+
+Writes docs/benchmarks/shift.json, the PNG plots next to it and the table in docs/benchmarks.md.
+Nothing here tunes on the test split: the engine runs with its default config; the ablations only
+switch loss terms off. Per-step test accuracy is measured for the plots only (never for selection).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.shift.data import CLASSES, TEMPLATES, write_source_eval, write_target
+
+# Ablations: the engine's default config with loss terms switched off (no other change).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "must": {},
+    # Masking and the alignment loss stay on; only the reconstruction loss is removed.
+    "no_mim": {"mim_weight": 0.0},
+    "no_align": {"align_weight": 0.0},
+    "no_fair": {"fair_weight": 0.0},
+    # Plain EMA-teacher pseudo-labelling on strong views: no mask, no MIM, no alignment, no fairness.
+    "self_training_only": {"mask_ratio": 0.0, "mim_weight": 0.0, "align_weight": 0.0, "fair_weight": 0.0},
+}
+DATA_SEED = 7
+N_ADAPT, N_VAL, N_TEST, N_SOURCE_TEST = 4000, 1000, 2000, 1000
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: T201 - CLI progress
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+class _TestSet:
+    """The labelled test images preprocessed once, so curve points cost one forward pass."""
+
+    def __init__(self, items: list[tuple[Path, int]], preprocess: Any) -> None:
+        from must_core.ml.data import eval_transform, load_image
+
+        tf = eval_transform(preprocess)
+        self.x = torch.stack([tf(load_image(p)) for p, _ in items])
+        self.y = torch.tensor([label for _, label in items])
+
+    @torch.no_grad()
+    def top1(self, model: torch.nn.Module) -> float:
+        was = model.training
+        model.eval()
+        preds = torch.cat([model(self.x[i:i + 500]).argmax(-1) for i in range(0, len(self.x), 500)])
+        model.train(was)
+        return 100.0 * float((preds == self.y).float().mean())
+
+
+def run_variant(
+    name: str, seed: int, *, base: Any, splits: Any, run_root: Path, threads: int, test: _TestSet,
+    curve_every: int | None,
+) -> dict[str, Any]:
+    from must_core.ml import checkpoint as ckpt
+    from must_core.ml.config import make_config
+    from must_core.ml.train import adapt, build_zero_shot
+
+    overrides: dict[str, Any] = {**VARIANTS[name], "seed": seed, "num_threads": threads, "device": "cpu"}
+    if curve_every:
+        overrides["checkpoint_every_steps"] = curve_every
+    cfg = make_config(**overrides)
+    curve: list[dict[str, float]] = []
+    probe, _, _ = build_zero_shot(base, list(CLASSES), list(TEMPLATES))
+
+    def on_checkpoint(path: Path, step: int) -> None:
+        state = ckpt.load_training_checkpoint(path)
+        point = {"step": step}
+        for key, label in (("student", "top1"), ("ema", "ema_top1")):
+            probe.load_state_dict(state[key])
+            point[label] = test.top1(probe)
+        curve.append(point)
+
+    out_dir = run_root / f"{name}_seed{seed}"
+    t0 = time.monotonic()
+    res = adapt(
+        cfg, images_dir=splits.adapt_dir, class_names=list(CLASSES), output_dir=out_dir,
+        base_model=base, templates=list(TEMPLATES), eval_dir=splits.test_dir, resume=False,
+        on_checkpoint=on_checkpoint if curve_every else None,
+    )
+    seconds = time.monotonic() - t0
+    m = res.metrics
+    if curve_every:  # first point: the zero-shot model; last point: the final models
+        curve.insert(0, {"step": 0, "top1": m["zero_shot"]["top1"], "ema_top1": m["zero_shot"]["top1"]})
+        if curve[-1]["step"] != res.step:
+            curve.append({"step": res.step, "top1": m["adapted"]["top1"],
+                          "ema_top1": m["adapted_ema"]["top1"]})
+    _log(f"{name} seed {seed}: top1 {m['adapted']['top1']:.2f} (ema {m['adapted_ema']['top1']:.2f}, "
+         f"zero-shot {m['zero_shot']['top1']:.2f}) in {seconds:.0f}s, {res.step} steps")
+    return {
+        "seed": seed,
+        "top1": m["adapted"]["top1"],
+        "mean_per_class": m["adapted"]["mean_per_class"],
+        "ema_top1": m["adapted_ema"]["top1"],
+        "ema_mean_per_class": m["adapted_ema"]["mean_per_class"],
+        "steps": res.step,
+        "seconds": round(seconds, 1),
+        "history": [{"step": h["step"], "conf_ratio": h["conf_ratio"], "lr": h["lr"],
+                     "ema_decay": h["ema_decay"], **h["losses"]} for h in res.history],
+        "curve": curve,
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("top1", "mean_per_class", "ema_top1", "ema_mean_per_class"):
+        mean, std = _mean_std([r[key] for r in runs])
+        out[f"{key}_mean"], out[f"{key}_std"] = round(mean, 2), round(std, 2)
+    out["per_seed"] = [{k: (round(v, 2) if isinstance(v, float) else v)
+                        for k, v in r.items() if k not in ("history", "curve", "config")} for r in runs]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--cache", type=Path, default=Path(".cache/shift"))
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
+    ap.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"))
+    ap.add_argument("--curve-every", type=int, default=50,
+                    help="test-accuracy curve point every N steps (plots only; 0 = off)")
+    ap.add_argument("--curve-seeds", type=int, default=1, help="how many seeds record curves")
+    ap.add_argument("--no-write", action="store_true", help="print results, write nothing to docs/")
+    args = ap.parse_args(argv)
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    torch.set_num_threads(args.threads)
+    t_all = time.monotonic()
+
+    from must_core.ml.config import BaseModelSpec, make_config
+    from must_core.ml.data import scan_labelled
+    from must_core.ml.evaluate import evaluate_folder
+    from must_core.ml.train import build_zero_shot
+
+    from benchmarks.shift.pretrain import pretrain
+
+    t0 = time.monotonic()
+    splits = write_target(args.cache / "data" / "target", N_ADAPT, N_VAL, N_TEST, DATA_SEED)
+    source_test = write_source_eval(args.cache / "data" / "source_test", N_SOURCE_TEST, DATA_SEED + 1)
+    t_data = time.monotonic() - t0
+    _log(f"data ready ({t_data:.0f}s)")
+    info = pretrain(args.cache / "model", log=_log)
+    _log(f"tiny CLIP: {'cached' if info['cached'] else 'pretrained'} "
+         f"({info['seconds']:.0f}s when trained, source held-out zero-shot {info['source_heldout_zero_shot_top1']:.1f}%)")
+    base = BaseModelSpec(arch=f"local-dir:{(args.cache / 'model').resolve()}")
+
+    # Zero-shot on the source and the target (same prompts the engine uses).
+    zs_model, preprocess, _ = build_zero_shot(base, list(CLASSES), list(TEMPLATES))
+    zero_shot: dict[str, Any] = {}
+    for key, folder in (("test", splits.test_dir), ("val", splits.val_dir), ("source", source_test)):
+        items, _ = scan_labelled(folder, list(CLASSES))
+        r = evaluate_folder(zs_model, items, preprocess, num_classes=len(CLASSES),
+                            device=torch.device("cpu"))
+        zero_shot[key] = {"top1": round(r.top1, 2), "mean_per_class": round(r.mean_per_class, 2)}
+    _log(f"zero-shot top1: source {zero_shot['source']['top1']:.1f}, "
+         f"target test {zero_shot['test']['top1']:.1f}, target val {zero_shot['val']['top1']:.1f}")
+    test_items, _ = scan_labelled(splits.test_dir, list(CLASSES))
+    test = _TestSet(test_items, preprocess)
+
+    run_root = args.cache / "runs"
+    raw: dict[str, list[dict[str, Any]]] = {}
+    t_runs = time.monotonic()
+    for name in args.variants:
+        raw[name] = []
+        for i, seed in enumerate(args.seeds):
+            curve_every = args.curve_every if i < args.curve_seeds and args.curve_every > 0 else None
+            raw[name].append(run_variant(name, seed, base=base, splits=splits, run_root=run_root,
+                                         threads=args.threads, test=test, curve_every=curve_every))
+    t_runs = time.monotonic() - t_runs
+    total = time.monotonic() - t_all
+
+    default_cfg = make_config().model_dump(mode="json")
+    result = {
+        "benchmark": "shift",
+        "description": "tiny CLIP pretrained on clean rendered shapes (source), adapted with MUST to "
+                       "cluttered/noisy/inverted outline shapes (target); top-1 in percent",
+        "classes": list(CLASSES),
+        "templates": list(TEMPLATES),
+        "splits": {"target_adapt_unlabeled": N_ADAPT, "target_val": N_VAL, "target_test": N_TEST,
+                   "source_test": N_SOURCE_TEST},
+        "zero_shot": {**zero_shot["test"], "source_top1": zero_shot["source"]["top1"],
+                      "val_top1": zero_shot["val"]["top1"]},
+        "runs": {name: {**summarise(rs), "overrides": VARIANTS[name]} for name, rs in raw.items()},
+        "seeds": args.seeds,
+        "engine_config": default_cfg,
+        "pretrain": {k: info[k] for k in ("seconds", "steps", "source_heldout_zero_shot_top1",
+                                          "num_params", "num_visual_params", "threads", "settings")},
+        "wall_seconds": {"data": round(t_data, 1), "runs": round(t_runs, 1), "total": round(total, 1),
+                         "pretrain_when_not_cached": round(info["seconds"], 1),
+                         "pretrain_cached": bool(info["cached"])},
+        "threads": args.threads,
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+    }
+    for name, rs in raw.items():
+        _log(f"{name}: top1 {result['runs'][name]['top1_mean']:.2f} ± {result['runs'][name]['top1_std']:.2f}"
+             f" (ema {result['runs'][name]['ema_top1_mean']:.2f})")
+    if args.no_write:
+        return 0
+    from benchmarks.shift.report import write_markdown, write_plots
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(raw, result, args.out)
+    result["plots"] = [str(p.name) for p in plots]
+    (args.out / "shift.json").write_text(json.dumps(result, indent=1) + "\n")
+    write_markdown(result, args.markdown, args.out, plots)
+    _log(f"wrote {args.out / 'shift.json'}, {args.markdown} and {len(plots)} plots; total {total:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
