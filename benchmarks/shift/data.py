@@ -1,13 +1,12 @@
 """Procedural source and target domains for the shift benchmark (seeded, pure PIL + numpy).
 
-Source domain ("clean icons"): one filled shape in a saturated colour on a flat pale background,
+Source domain ("clean icons"): one filled shape in a flat colour on a flat background of any colour,
 with a caption built from templates ("a small red star in the top left."). It is the pretraining
 set of image–caption pairs.
 
 Target domain ("cluttered sketches"): the same ten shape classes, but drawn as thick outlines
 (sometimes hatched), on a dark, noisy, textured background with distractor strokes, then blurred
-and corrupted by pixel noise. Colours are inverted relative to the source (light strokes on dark
-ground). The class is still obvious to a human, but the pixel statistics differ strongly from the
+and corrupted by pixel noise. The class is still obvious to a human, but the pixel statistics differ strongly from the
 source, so a CLIP pretrained on the source loses much of its zero-shot accuracy there.
 """
 
@@ -41,7 +40,7 @@ _CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {size} {colour} {shape} in the {pos}.",
     "a photo of a {colour} {shape}.",
     "a {shape}.",
-    "a {size} {shape} on a plain background.",
+    "a {size} {shape} on a {bgword} background.",
     "a picture of a {shape} in the {pos}.",
     "a {colour} {shape}, {size}.",
     "an image of the {shape}.",
@@ -135,22 +134,40 @@ def _place(rng: np.random.Generator) -> tuple[float, float, float, float, str, s
     return cx, cy, r, rot, size, f"{row} {col}"
 
 
+def _luma(c: np.ndarray) -> float:
+    return float(0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2])
+
+
 def render_source(rng: np.random.Generator, label: int) -> tuple[Image.Image, str]:
-    """One source image (IMAGE_SIZE px RGB) and its caption."""
+    """One source image (IMAGE_SIZE px RGB) and its caption: a filled shape on a flat background.
+
+    Background and shape colours are random (any brightness, at least 70 luma levels apart), with
+    faint pixel noise, so the pretrained CLIP does not tie a class to one colour scheme.
+    """
     name = CLASSES[label]
     cx, cy, r, rot, size, pos = _place(rng)
     colour = str(rng.choice(list(_COLOURS)))
-    bg = tuple(int(v) for v in rng.integers(200, 256, size=3))
-    img = Image.new("RGB", (RENDER, RENDER), bg)
-    img.paste(_COLOURS[colour], mask=_shape_mask(name, cx, cy, r, rot))
+    fg = np.array(_COLOURS[colour], np.float64)
+    if rng.random() < 0.5:  # the named colour half of the time, otherwise a random one
+        fg = rng.uniform(0, 255, size=3)
+        colour = "bright" if _luma(fg) > 128 else "dark"
+    while True:
+        bg = rng.uniform(0, 255, size=3)
+        if abs(_luma(bg) - _luma(fg)) >= 70:
+            break
+    img = Image.new("RGB", (RENDER, RENDER), tuple(int(v) for v in bg))
+    img.paste(tuple(int(v) for v in fg), mask=_shape_mask(name, cx, cy, r, rot))
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(0, 5), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     tmpl = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
-    return img, tmpl.format(size=size, colour=colour, shape=name, pos=pos)
+    bgword = "dark" if _luma(bg) < 128 else "light"
+    return img, tmpl.format(size=size, colour=colour, shape=name, pos=pos, bgword=bgword)
 
 
-def _texture(rng: np.random.Generator) -> np.ndarray:
-    """A dark, low-frequency noisy background with random stripes, float32 [RENDER, RENDER, 3]."""
-    base = rng.uniform(0, 70, size=3)
+def _texture(rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+    """A low-frequency noisy background with random stripes, float32 [RENDER, RENDER, 3]."""
+    base = rng.uniform(lo, hi, size=3)
     coarse = rng.uniform(-35, 35, size=(8, 8, 3)).astype(np.float32)
     coarse_img = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((RENDER, RENDER),
                            Image.Resampling.BICUBIC)) for c in range(3)], -1)
@@ -161,21 +178,32 @@ def _texture(rng: np.random.Generator) -> np.ndarray:
     return base + coarse_img + stripes[..., None] * rng.uniform(15, 45, size=3)
 
 
-def render_target(rng: np.random.Generator, label: int) -> Image.Image:
+@dataclass(frozen=True)
+class TargetStyle:
+    bg: tuple[float, float] = (0.0, 70.0)  # background base level range
+    fg: tuple[float, float] = (170.0, 255.0)  # shape colour range
+    outline_p: float = 0.5  # probability of an outline (else hatched fill)
+    strokes: tuple[int, int] = (2, 5)
+    blur: tuple[float, float] = (1.0, 2.5)
+    noise: tuple[float, float] = (8.0, 20.0)
+
+
+def render_target(rng: np.random.Generator, label: int, style: TargetStyle | None = None) -> Image.Image:
     """One target image: light outline (or hatched) shape on dark clutter, blurred and noisy."""
+    st = style or TargetStyle()
     name = CLASSES[label]
     cx, cy, r, rot, _, _ = _place(rng)
-    arr = _texture(rng)
+    arr = _texture(rng, *st.bg)
     # Distractor strokes: random line segments in mid-bright colours.
     clutter = Image.new("L", (RENDER, RENDER), 0)
     dc = ImageDraw.Draw(clutter)
-    for _ in range(int(rng.integers(2, 5))):
+    for _ in range(int(rng.integers(*st.strokes))):
         x0, y0, x1, y1 = rng.uniform(0, RENDER, size=4)
         dc.line([(x0, y0), (x1, y1)], fill=int(rng.integers(120, 200)), width=int(rng.integers(3, 7)))
     arr += np.asarray(clutter, np.float32)[..., None] / 255.0 * rng.uniform(60, 140, size=3)
     # The shape: a thick light outline, or a hatched fill.
     stroke = int(rng.integers(7, 12))
-    if rng.random() < 0.5:
+    if rng.random() < st.outline_p:
         mask = np.asarray(_shape_mask(name, cx, cy, r, rot, outline=stroke), np.float32) / 255.0
     else:
         fill = np.asarray(_shape_mask(name, cx, cy, r, rot), np.float32) / 255.0
@@ -183,12 +211,12 @@ def render_target(rng: np.random.Generator, label: int) -> Image.Image:
         hatch = ((xx + yy) % 12 < 6).astype(np.float32)
         edge = np.asarray(_shape_mask(name, cx, cy, r, rot, outline=5), np.float32) / 255.0
         mask = np.maximum(fill * hatch, edge)
-    colour = rng.uniform(170, 255, size=3)
+    colour = rng.uniform(*st.fg, size=3)
     arr = arr * (1 - mask[..., None]) + colour * mask[..., None]
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(1.0, 2.5)))
+    img = img.filter(ImageFilter.GaussianBlur(rng.uniform(*st.blur)))
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(8, 20), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(*st.noise), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 

@@ -44,7 +44,7 @@ PREPROCESS_CFG: dict[str, Any] = {
 }
 PRETRAIN: dict[str, Any] = {
     "num_pairs": 24_000, "epochs": 10, "batch_size": 128, "lr": 1e-3, "weight_decay": 0.1,
-    "warmup_steps": 100, "seed": 1234,
+    "warmup_steps": 100, "seed": 1234, "data_version": 2, "logit_scale": "1/0.07->100 @70%",
 }
 
 
@@ -101,10 +101,17 @@ def pretrain(out_dir: Path, *, log: Any = print) -> dict[str, Any]:
     x_ho, y_ho = x[-held:], torch.tensor(labels[-held:])
     t_data = time.monotonic() - t0
 
+    # The engine scores with the fixed scale 100 (spec §1.1.5: OpenAI CLIP's logit_scale ends at its
+    # ln(100) clamp, and the confidence thresholds assume softmax(100·cos)). A learned scale only
+    # reaches ~23 in this short run, so the temperature follows a fixed schedule instead: 1/0.07 (CLIP's
+    # init) rising log-linearly to 100 by 70 % of training, then 100, so the tiny CLIP's confidences
+    # mean what they mean for a real CLIP. (Starting at 100 learns much more slowly.)
     model = CLIP(**MODEL_CFG, output_dict=True)
+    model.logit_scale.requires_grad_(False)
     model.train()
-    decay = [q for n, q in model.named_parameters() if q.ndim >= 2 and "embedding" not in n]
-    no_decay = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "embedding" not in n)]
+    params = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
+    decay = [q for n, q in params if q.ndim >= 2 and "embedding" not in n]
+    no_decay = [q for n, q in params if not (q.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": p["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}], lr=p["lr"], betas=(0.9, 0.98))
     loss_fn = ClipLoss()
@@ -121,15 +128,15 @@ def pretrain(out_dir: Path, *, log: Any = print) -> dict[str, Any]:
                 0.5 * p["lr"] * (1 + math.cos(math.pi * (step - p["warmup_steps"]) / (total - p["warmup_steps"])))
             for g in opt.param_groups:
                 g["lr"] = lr
+            frac = min(1.0, step / (0.7 * total))
+            model.logit_scale.fill_(math.log(1 / 0.07) + frac * (math.log(100.0) - math.log(1 / 0.07)))
             out = model(x_tr[idx], t_tr[idx])
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
             step += 1
-        log(f"pretrain epoch {epoch + 1}/{p['epochs']}: loss {float(loss):.3f} "
+        log(f"pretrain epoch {epoch + 1}/{p['epochs']}: loss {float(loss.detach()):.3f} "
             f"source zero-shot {_zero_shot_acc(model, tok, x_ho, y_ho):.1f}% "
             f"({time.monotonic() - t0:.0f}s)")
     src_acc = _zero_shot_acc(model, tok, x_ho, y_ho)

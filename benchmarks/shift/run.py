@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "self_training_only": {"mask_ratio": 0.0, "mim_weight": 0.0, "align_weight": 0.0, "fair_weight": 0.0},
 }
 DATA_SEED = 7
-N_ADAPT, N_VAL, N_TEST, N_SOURCE_TEST = 4000, 1000, 2000, 1000
+N_ADAPT, N_VAL, N_TEST, N_SOURCE_TEST = 2000, 1000, 2000, 1000
 
 
 def _log(msg: str) -> None:
@@ -65,14 +65,16 @@ class _TestSet:
 
 
 def run_variant(
-    name: str, seed: int, *, base: Any, splits: Any, run_root: Path, threads: int, test: _TestSet,
+    name: str, seed: int, *, base: Any, splits: Any, run_root: Path, threads: int, workers: int,
+    test: _TestSet,
     curve_every: int | None,
 ) -> dict[str, Any]:
     from must_core.ml import checkpoint as ckpt
     from must_core.ml.config import make_config
     from must_core.ml.train import adapt, build_zero_shot
 
-    overrides: dict[str, Any] = {**VARIANTS[name], "seed": seed, "num_threads": threads, "device": "cpu"}
+    overrides: dict[str, Any] = {**VARIANTS[name], "seed": seed, "num_threads": threads, "device": "cpu",
+                                 "num_workers": workers}
     if curve_every:
         overrides["checkpoint_every_steps"] = curve_every
     cfg = make_config(**overrides)
@@ -131,6 +133,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="data-loader worker processes for the adaptation runs (default 0)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--cache", type=Path, default=Path(".cache/shift"))
@@ -151,7 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     from must_core.ml.evaluate import evaluate_folder
     from must_core.ml.train import build_zero_shot
 
+    from benchmarks.shift._compat import patch_timm_posterize
     from benchmarks.shift.pretrain import pretrain
+
+    patch_timm_posterize()
 
     t0 = time.monotonic()
     splits = write_target(args.cache / "data" / "target", N_ADAPT, N_VAL, N_TEST, DATA_SEED)
@@ -184,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, seed in enumerate(args.seeds):
             curve_every = args.curve_every if i < args.curve_seeds and args.curve_every > 0 else None
             raw[name].append(run_variant(name, seed, base=base, splits=splits, run_root=run_root,
-                                         threads=args.threads, test=test, curve_every=curve_every))
+                                         threads=args.threads, workers=args.workers, test=test,
+                                         curve_every=curve_every))
     t_runs = time.monotonic() - t_runs
     total = time.monotonic() - t_all
 
