@@ -1,12 +1,13 @@
 """Procedural source and target domains for the shift benchmark (seeded, pure PIL + numpy).
 
-Source domain ("clean icons"): one filled shape in a flat colour on a flat background of any colour,
-with a caption built from templates ("a small red star in the top left."). It is the pretraining
-set of image–caption pairs.
+Source domain ("icons"): one filled shape in a flat colour on a flat background, with a caption built
+from templates ("a small red star in the top left."). Pretraining uses two stages of it: clean icons
+(saturated colours on pale backgrounds), then colour-varied icons (any background colour, faint
+noise). The source test split uses the colour-varied renderer.
 
-Target domain ("cluttered sketches"): the same ten shape classes, but drawn as thick outlines
-(sometimes hatched), on a dark, noisy, textured background with distractor strokes, then blurred
-and corrupted by pixel noise. The class is still obvious to a human, but the pixel statistics differ strongly from the
+Target domain ("cluttered sketches"): the same ten shape classes, drawn light (20 % thick outlines,
+40 % hatched fills, 40 % solid) on a dark, striped, blotchy background with distractor strokes, then
+blurred and corrupted by pixel noise. The class is still obvious to a human, but the pixel statistics differ strongly from the
 source, so a CLIP pretrained on the source loses much of its zero-shot accuracy there.
 """
 
@@ -134,6 +135,24 @@ def _place(rng: np.random.Generator) -> tuple[float, float, float, float, str, s
     return cx, cy, r, rot, size, f"{row} {col}"
 
 
+_CLEAN_CAPTION_TEMPLATES: tuple[str, ...] = tuple(
+    t.replace("{bgword}", "plain") for t in _CAPTION_TEMPLATES
+)
+
+
+def render_source_clean(rng: np.random.Generator, label: int) -> tuple[Image.Image, str]:
+    """Pretraining stage 1: a saturated named colour on a flat pale background, no noise."""
+    name = CLASSES[label]
+    cx, cy, r, rot, size, pos = _place(rng)
+    colour = str(rng.choice(list(_COLOURS)))
+    bg = tuple(int(v) for v in rng.integers(200, 256, size=3))
+    img = Image.new("RGB", (RENDER, RENDER), bg)
+    img.paste(_COLOURS[colour], mask=_shape_mask(name, cx, cy, r, rot))
+    img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
+    tmpl = _CLEAN_CAPTION_TEMPLATES[int(rng.integers(len(_CLEAN_CAPTION_TEMPLATES)))]
+    return img, tmpl.format(size=size, colour=colour, shape=name, pos=pos)
+
+
 def _luma(c: np.ndarray) -> float:
     return float(0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2])
 
@@ -141,24 +160,24 @@ def _luma(c: np.ndarray) -> float:
 def render_source(rng: np.random.Generator, label: int) -> tuple[Image.Image, str]:
     """One source image (IMAGE_SIZE px RGB) and its caption: a filled shape on a flat background.
 
-    Background and shape colours are random (any brightness, at least 70 luma levels apart), with
+    Background and shape colours are random (any brightness, at least 90 luma levels apart), with
     faint pixel noise, so the pretrained CLIP does not tie a class to one colour scheme.
     """
     name = CLASSES[label]
     cx, cy, r, rot, size, pos = _place(rng)
     colour = str(rng.choice(list(_COLOURS)))
     fg = np.array(_COLOURS[colour], np.float64)
-    if rng.random() < 0.5:  # the named colour half of the time, otherwise a random one
+    if rng.random() < 0.3:  # a named saturated colour 70 % of the time, otherwise a random one
         fg = rng.uniform(0, 255, size=3)
         colour = "bright" if _luma(fg) > 128 else "dark"
     while True:
         bg = rng.uniform(0, 255, size=3)
-        if abs(_luma(bg) - _luma(fg)) >= 70:
+        if abs(_luma(bg) - _luma(fg)) >= 90:
             break
     img = Image.new("RGB", (RENDER, RENDER), tuple(int(v) for v in bg))
     img.paste(tuple(int(v) for v in fg), mask=_shape_mask(name, cx, cy, r, rot))
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(0, 5), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(0, 8) * (rng.random() < 0.5), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
     img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     tmpl = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
     bgword = "dark" if _luma(bg) < 128 else "light"
@@ -182,14 +201,16 @@ def _texture(rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
 class TargetStyle:
     bg: tuple[float, float] = (0.0, 70.0)  # background base level range
     fg: tuple[float, float] = (170.0, 255.0)  # shape colour range
-    outline_p: float = 0.5  # probability of an outline (else hatched fill)
-    strokes: tuple[int, int] = (2, 5)
-    blur: tuple[float, float] = (1.0, 2.5)
-    noise: tuple[float, float] = (8.0, 20.0)
+    outline_p: float = 0.2  # probability of an outline
+    hatch_p: float = 0.5  # otherwise, probability of a hatched fill (else a solid fill)
+    strokes: tuple[int, int] = (1, 4)  # number of distractor strokes: integers in [lo, hi)
+    blur: tuple[float, float] = (0.5, 1.5)  # Gaussian blur radius at 128 px
+    noise: tuple[float, float] = (4.0, 12.0)  # pixel-noise std at 32 px
 
 
 def render_target(rng: np.random.Generator, label: int, style: TargetStyle | None = None) -> Image.Image:
-    """One target image: light outline (or hatched) shape on dark clutter, blurred and noisy."""
+    """One target image: a light outline, hatched or solid shape on dark textured clutter, blurred
+    and noisy."""
     st = style or TargetStyle()
     name = CLASSES[label]
     cx, cy, r, rot, _, _ = _place(rng)
@@ -205,12 +226,14 @@ def render_target(rng: np.random.Generator, label: int, style: TargetStyle | Non
     stroke = int(rng.integers(7, 12))
     if rng.random() < st.outline_p:
         mask = np.asarray(_shape_mask(name, cx, cy, r, rot, outline=stroke), np.float32) / 255.0
-    else:
+    elif rng.random() < st.hatch_p:
         fill = np.asarray(_shape_mask(name, cx, cy, r, rot), np.float32) / 255.0
         yy, xx = np.mgrid[0:RENDER, 0:RENDER].astype(np.float32)
         hatch = ((xx + yy) % 12 < 6).astype(np.float32)
         edge = np.asarray(_shape_mask(name, cx, cy, r, rot, outline=5), np.float32) / 255.0
         mask = np.maximum(fill * hatch, edge)
+    else:
+        mask = np.asarray(_shape_mask(name, cx, cy, r, rot), np.float32) / 255.0
     colour = rng.uniform(*st.fg, size=3)
     arr = arr * (1 - mask[..., None]) + colour * mask[..., None]
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
@@ -233,10 +256,11 @@ def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def source_pairs(n: int, seed: int) -> Iterator[tuple[Image.Image, str, int]]:
+def source_pairs(n: int, seed: int, clean: bool = False) -> Iterator[tuple[Image.Image, str, int]]:
     rng = np.random.default_rng(seed)
+    render = render_source_clean if clean else render_source
     for label in _balanced_labels(n, rng):
-        img, cap = render_source(rng, int(label))
+        img, cap = render(rng, int(label))
         yield img, cap, int(label)
 
 

@@ -117,12 +117,15 @@ def write_markdown(result: dict[str, Any], md: Path, out: Path, plots: list[Path
         "Pretrained CLIP weights cannot be downloaded here, so this benchmark builds a scaled-down but",
         "real experiment that runs offline on 2 CPU cores:",
         "",
-        f"- **Source / pretraining.** {result['pretrain']['settings']['num_pairs']:,} seeded image–caption "
-        "pairs: one filled, saturated shape (10 classes: "
-        + ", ".join(result["classes"]) + ") on a flat pale background, captions from templates "
-        "(\"a small red star in the top left.\"). A tiny open_clip CLIP "
+        "- **Source / pretraining.** Seeded image–caption pairs (2 × "
+        f"{result['pretrain']['settings']['stages'][0]['num_pairs']:,}): one filled shape (10 classes: "
+        + ", ".join(result["classes"]) + ") in a flat colour on a flat background of random colour, "
+        "captions from templates (\"a small red star in the top left.\"). A tiny open_clip CLIP "
         f"({result['pretrain']['num_params']:,} parameters; ViT 32 px, patch 4, 3 blocks of width 64) is "
-        "trained contrastively on them by the benchmark and cached under `.cache/shift/`.",
+        "trained contrastively on them by the benchmark in two stages (clean icons with a learned "
+        "temperature; then colour-varied icons with light affine/contrast/blur/noise augmentation "
+        "while the temperature is annealed to the engine's fixed logit scale 100) and cached under "
+        "`.cache/shift/`.",
         "- **Target.** The same classes drawn as light outlines or hatched fills on dark, textured, "
         "cluttered backgrounds with distractor strokes, blur and pixel noise: "
         f"{result['splits']['target_adapt_unlabeled']:,} unlabeled images to adapt on and a labelled "

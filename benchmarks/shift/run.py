@@ -33,7 +33,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "self_training_only": {"mask_ratio": 0.0, "mim_weight": 0.0, "align_weight": 0.0, "fair_weight": 0.0},
 }
 DATA_SEED = 7
-N_ADAPT, N_VAL, N_TEST, N_SOURCE_TEST = 2000, 1000, 2000, 1000
+N_ADAPT, N_VAL, N_TEST, N_SOURCE_TEST = 1280, 1000, 2000, 1000
 
 
 def _log(msg: str) -> None:
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     info = pretrain(args.cache / "model", log=_log)
     _log(f"tiny CLIP: {'cached' if info['cached'] else 'pretrained'} "
          f"({info['seconds']:.0f}s when trained, source held-out zero-shot {info['source_heldout_zero_shot_top1']:.1f}%)")
-    base = BaseModelSpec(arch=f"local-dir:{(args.cache / 'model').resolve()}")
+    base = BaseModelSpec(arch=f"local-dir:{Path(info['path']).resolve()}")
 
     # Zero-shot on the source and the target (same prompts the engine uses).
     zs_model, preprocess, _ = build_zero_shot(base, list(CLASSES), list(TEMPLATES))
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "engine_config": default_cfg,
         "pretrain": {k: info[k] for k in ("seconds", "steps", "source_heldout_zero_shot_top1",
-                                          "num_params", "num_visual_params", "threads", "settings")},
+                                          "num_params", "num_visual_params", "settings", "stages")},
         "wall_seconds": {"data": round(t_data, 1), "runs": round(t_runs, 1), "total": round(total, 1),
                          "pretrain_when_not_cached": round(info["seconds"], 1),
                          "pretrain_cached": bool(info["cached"])},
