@@ -126,8 +126,8 @@ def write_markdown(result: dict[str, Any], md: Path, out: Path, plots: list[Path
         "temperature; then colour-varied icons with light affine/contrast/blur/noise augmentation "
         "while the temperature is annealed to the engine's fixed logit scale 100) and cached under "
         "`.cache/shift/`.",
-        "- **Target.** The same classes drawn as light outlines or hatched fills on dark, textured, "
-        "cluttered backgrounds with distractor strokes, blur and pixel noise: "
+        "- **Target.** The same classes drawn light (solid or hatched) on dark, striped, blotchy "
+        "backgrounds with distractor strokes, blur and pixel noise: "
         f"{result['splits']['target_adapt_unlabeled']:,} unlabeled images to adapt on and a labelled "
         f"test set of {result['splits']['target_test']:,} (200 per class), generated with different "
         "seeds. A separate labelled target *validation* split "
