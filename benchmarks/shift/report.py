@@ -98,6 +98,58 @@ def write_plots(raw: dict[str, list[dict[str, Any]]], result: dict[str, Any], ou
     return paths
 
 
+def _verdict(result: dict[str, Any]) -> str:
+    zs = result["zero_shot"]["top1"]
+    must = result["runs"]["must"]
+    gain = must["top1_mean"] - zs
+    ok = gain >= 10 and all(r["top1"] - zs >= 10 for r in must["per_seed"])
+    if ok:
+        return (f"**Result:** full MUST beats zero-shot by {gain:+.1f} points top-1 on every seed with "
+                "the engine's default settings.")
+    best = max(result["runs"].items(), key=lambda kv: kv[1]["top1_mean"])
+    return (
+        f"**Result: the acceptance criterion is NOT met.** With the engine's default settings the "
+        f"adapted student reaches {must['top1_mean']:.1f} ± {must['top1_std']:.1f} % against "
+        f"{zs:.1f} % zero-shot ({gain:+.1f} points); the EMA teacher stays near zero-shot "
+        f"({must['ema_top1_mean']:.1f} %). The best variant is `{best[0]}` "
+        f"({best[1]['top1_mean']:.1f} %). See the diagnostics below."
+    )
+
+
+# Measured once on the labelled target *validation* split (same generator and style as the test
+# split, different seed), 1 torch thread, seed 0, 400 steps unless noted. Reproduce with
+# ``must_core.ml.train.adapt`` on .cache/shift/data/target/{adapt,val} and the overrides shown.
+DIAGNOSTICS = """### Diagnostics: why the default MUST does not help here (validation split only)
+
+All numbers are top-1 on the labelled target **validation** split (never the test split): zero-shot
+37.9 %. Each row is one adaptation run of the engine with the overrides shown (seed 0, 400 steps).
+
+| overrides | student | EMA | reading |
+|---|---|---|---|
+| none (defaults) | 31.4 | 36.8 | the student loses 6.5 points |
+| `lr=1e-12` (sanity) | 37.9 | 37.9 | no update → exactly zero-shot: no bug outside the optimiser path |
+| `mim_weight=0` | 31.3 | 36.9 | MIM is not the cause |
+| `conf_threshold=0.9` | 27.2 | 36.4 | fewer pseudo-labels → worse: the regularisers alone push the wrong way |
+| `ema_batch_scaling=false, lr=1e-4, min_steps=1200` | 28.4 | 35.2 | a faster teacher and 20× lr make it worse, not better |
+| self-distillation: `randaug_num_ops=0, strong_crop_scale=(1,1), mask_ratio=0, mim/align/fair=0` | 36.4 | 37.8 | even plain hard-label self-training slowly loses accuracy |
+
+On a harder target variant (20 % thick outlines, zero-shot 27.1 %) the picture was the same:
+defaults 22.6 / 26.9, self-training only 24.2 / 27.2, `ema_batch_scaling=false` 22.1 / 26.1,
+`lr=2e-4` 23.2 / 27.6, `randaug_num_ops=0` 25.5 / 27.4 (student / EMA). On the *source* domain of an
+earlier tiny CLIP (zero-shot 59.7 %) the default run also fell to 46.3 % (EMA 60.1 %).
+
+Reading: the schedule knobs named in spec §11 (lr scaling with batch, EMA speed, thresholds) are not
+what limits this setup: every variant, including plain self-distillation, drifts *below* the
+zero-shot model, and the EMA teacher only stays close to zero-shot because it moves slowly. With a
+38 % zero-shot classifier most confident pseudo-labels are wrong (about 73 % of the teacher's
+predictions pass τ = 0.5 at logit scale 100), and this tiny CLIP's features (160 k visual
+parameters, trained on 24 k synthetic pairs) do not cluster the target classes well enough for
+self-training to correct them — the regime MUST was shown to work in starts at ≥ 43 % zero-shot with
+ViT-B/16 features. No default was changed, because no default change was justified by the
+validation split.
+"""
+
+
 def _pm(r: dict[str, Any], key: str) -> str:
     return f"{r[key + '_mean']:.1f} ± {r[key + '_std']:.1f}"
 
@@ -185,6 +237,9 @@ def write_markdown(result: dict[str, Any], md: Path, out: Path, plots: list[Path
         "Raw numbers, per-seed results and the exact engine config: "
         f"[`{rel}/shift.json`]({rel}/shift.json).",
         "",
+        _verdict(result),
+        "",
+        DIAGNOSTICS,
     ]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines))
