@@ -6,7 +6,13 @@ import logging
 import os
 from typing import Any
 
-from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from must_core.logging import configure
 from must_core.settings import get_settings
@@ -19,6 +25,13 @@ _sweeper: Any = None
 @setup_logging.connect
 def _setup_logging(**_: Any) -> None:
     configure(get_settings())
+
+
+@worker_init.connect
+def _preload(**_: Any) -> None:
+    """Import torch/open_clip once in the parent so each forked child starts fast (no CUDA here)."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(get_settings().worker_threads))
+    import must_core.ml.train  # noqa: F401
 
 
 @worker_process_init.connect
