@@ -44,9 +44,9 @@ def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": _py_state_to_tensor(random.getstate()),
-        "numpy": _np_state_to_tensors(np.random.get_state()),
+        "numpy": _np_state_to_tensors(tuple(np.random.get_state())),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -62,8 +62,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # weights_only loading accepts tensors and plain containers only: encode RNG states accordingly.
 def _py_state_to_tensor(s: tuple[Any, ...]) -> dict[str, Any]:
     version, internal, gauss = s
-    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-            "gauss": gauss}
+    return {
+        "version": version,
+        "internal": torch.tensor(internal, dtype=torch.int64),
+        "gauss": gauss,
+    }
 
 
 def _tensor_to_py_state(d: dict[str, Any]) -> tuple[Any, ...]:
@@ -72,8 +75,13 @@ def _tensor_to_py_state(d: dict[str, Any]) -> tuple[Any, ...]:
 
 def _np_state_to_tensors(s: tuple[Any, ...]) -> dict[str, Any]:
     name, keys, pos, has_gauss, cached = s
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "cached": float(cached)}
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
 
 
 def _tensors_to_np_state(d: dict[str, Any]) -> tuple[Any, ...]:

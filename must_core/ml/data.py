@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
@@ -90,7 +90,7 @@ def _probe(path: Path) -> str | None:
         return "image too large (decompression bomb guard)"
     except Image.DecompressionBombWarning:
         return "image too large (decompression bomb guard)"
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+    except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as exc:
         return f"not a decodable image ({type(exc).__name__})"
     except Exception as exc:  # a corrupt file must never abort a scan
         return f"decode error ({type(exc).__name__})"
@@ -170,7 +170,7 @@ def strong_transform(
     magnitude_std: float = 0.5,
 ) -> T.Compose:
     """Student view: timm's RandomResizedCrop + flip + RandAugment 'rand-m9-mstd0.5-inc1' (spec §6)."""
-    from timm.data import create_transform
+    from timm.data import create_transform  # type: ignore[attr-defined]
 
     aa = f"rand-m{magnitude:g}-n{num_ops}-mstd{magnitude_std:g}-inc1" if num_ops > 0 else None
     return create_transform(  # type: ignore[no-any-return]
@@ -291,7 +291,9 @@ def normalize_class_key(name: str) -> str:
     return " ".join(name.replace("_", " ").replace("-", " ").split()).casefold()
 
 
-def scan_labelled(root: Path, class_names: Sequence[str]) -> tuple[list[tuple[Path, int]], ScanResult]:
+def scan_labelled(
+    root: Path, class_names: Sequence[str]
+) -> tuple[list[tuple[Path, int]], ScanResult]:
     """Eval folder with one subfolder per class, matched to ``class_names`` by name (spec §10.7).
 
     Raises:

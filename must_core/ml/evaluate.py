@@ -51,7 +51,9 @@ def accuracy_from_predictions(
 
 @torch.no_grad()
 def predict_logits(
-    model: nn.Module, loader: DataLoader[Any], device: torch.device,
+    model: nn.Module,
+    loader: DataLoader[Any],
+    device: torch.device,
     amp_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     was_training = model.training
@@ -82,7 +84,8 @@ def evaluate_folder(
     num_workers: int = 0,
 ) -> EvalResult:
     ds = EvalDataset(items, eval_transform(preprocess))
-    loader: DataLoader[Any] = DataLoader(ds, batch_size=batch_size, shuffle=False,
-                                         num_workers=num_workers)
+    loader: DataLoader[Any] = DataLoader(
+        ds, batch_size=batch_size, shuffle=False, num_workers=num_workers
+    )
     logits, targets = predict_logits(model, loader, device, amp_dtype)
     return accuracy_from_predictions(logits.argmax(-1), targets, num_classes)

@@ -52,13 +52,21 @@ class AdaptedClassifier(torch.nn.Module):
         tensors, meta = read_classifier(path)
         try:
             visual = build_visual_from_cfg(meta["model_cfg"])
-            vis_state = {k[len("visual."):]: v for k, v in tensors.items() if k.startswith("visual.")}
+            vis_state = {
+                k[len("visual.") :]: v for k, v in tensors.items() if k.startswith("visual.")
+            }
             visual.load_state_dict(vis_state, strict=True)
         except (KeyError, RuntimeError, TypeError, ValueError) as exc:
-            raise ModelLoadError(f"adapted model {path} does not match its model config: {exc}") from exc
+            raise ModelLoadError(
+                f"adapted model {path} does not match its model config: {exc}"
+            ) from exc
         model = cls(
-            visual, tensors["classifier"], list(meta["class_names"]),
-            Preprocess.from_dict(meta["preprocess"]), float(meta["logit_scale"]), meta["extra"],
+            visual,
+            tensors["classifier"],
+            list(meta["class_names"]),
+            Preprocess.from_dict(meta["preprocess"]),
+            float(meta["logit_scale"]),
+            meta["extra"],
         )
         for p in model.parameters():
             p.requires_grad_(False)
@@ -88,8 +96,13 @@ class AdaptedClassifier(torch.nn.Module):
         scores, idx = probs.topk(k, dim=-1)
         out = []
         for s_row, i_row in zip(scores.tolist(), idx.tolist(), strict=True):
-            top = [{"label": self.class_names[i], "index": i, "score": s}
-                   for s, i in zip(s_row, i_row, strict=True)]
-            out.append(Prediction(label=top[0]["label"], index=top[0]["index"],
-                                  score=top[0]["score"], top_k=top))
+            top = [
+                {"label": self.class_names[i], "index": i, "score": s}
+                for s, i in zip(s_row, i_row, strict=True)
+            ]
+            out.append(
+                Prediction(
+                    label=top[0]["label"], index=top[0]["index"], score=top[0]["score"], top_k=top
+                )
+            )
         return out

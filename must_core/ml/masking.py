@@ -43,7 +43,7 @@ class MaskGenerator:
     def __call__(self, rng: np.random.Generator) -> np.ndarray:
         """One [g, g] int64 mask (1 = masked)."""
         idx = rng.permutation(self.token_count)[: self.mask_count]
-        cells = np.zeros(self.token_count, dtype=np.int64)
-        cells[idx] = 1
-        cells = cells.reshape(self.rand_size, self.rand_size)
+        flat = np.zeros(self.token_count, dtype=np.int64)
+        flat[idx] = 1
+        cells = flat.reshape(self.rand_size, self.rand_size)
         return cells.repeat(self.scale, axis=0).repeat(self.scale, axis=1)

@@ -59,7 +59,7 @@ class Preprocess:
 class BaseModel:
     """A loaded open_clip CLIP plus what MUST needs to know about it."""
 
-    clip: nn.Module
+    clip: Any  # open_clip CLIP (nn.Module); submodule attributes are dynamic
     tokenizer: Any
     preprocess: Preprocess
     # The open_clip model config (embed_dim, vision_cfg, quick_gelu, ...): enough to rebuild the vision
@@ -117,18 +117,16 @@ def load_base_model(spec: BaseModelSpec) -> BaseModel:
                 "config JSON"
             )
 
-    quick_gelu = spec.force_quick_gelu
-    if quick_gelu is None:
-        quick_gelu = False
-        if spec.pretrained and spec.checkpoint is None and not arch.startswith("local-dir:"):
-            tag_cfg = open_clip.get_pretrained_cfg(arch, spec.pretrained) or {}
-            quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    quick_gelu = bool(spec.force_quick_gelu)
     if spec.pretrained and spec.checkpoint is None and not arch.startswith("local-dir:"):
-        if not open_clip.get_pretrained_cfg(arch, spec.pretrained):
+        tag_cfg = open_clip.get_pretrained_cfg(arch, spec.pretrained)
+        if not tag_cfg:
             raise ModelLoadError(
                 f"unknown pretrained tag {spec.pretrained!r} for {arch!r}; known tags: "
                 f"{open_clip.list_pretrained_tags_by_model(arch)}"
             )
+        if spec.force_quick_gelu is None:  # OpenAI weights need QuickGELU (spec §1.2)
+            quick_gelu = bool(tag_cfg.get("quick_gelu", False))
 
     try:
         clip, _, preprocess_val = open_clip.create_model_and_transforms(
@@ -216,6 +214,8 @@ class MustModel(nn.Module):
     ``mask_token_embedding`` [1, 1, W], ``ln_patch.*``, ``decoder.0.*``.
     """
 
+    visual: Any  # open_clip VisionTransformer (dynamic submodule attributes)
+
     def __init__(
         self,
         visual: nn.Module,
@@ -225,7 +225,7 @@ class MustModel(nn.Module):
         super().__init__()
         _check_visual(visual)
         self.visual = visual
-        width = int(visual.conv1.out_channels)
+        width = int(self.visual.conv1.out_channels)
         patch = int(_pair(visual.patch_size)[0])
         self.patch_size = patch
         self.image_size = int(_pair(visual.image_size)[0])
@@ -320,7 +320,7 @@ def _pair(v: Any) -> tuple[int, int]:
     return int(v), int(v)
 
 
-def _check_visual(visual: nn.Module) -> None:
+def _check_visual(visual: Any) -> None:
     """MUST's forward reuses open_clip submodules; refuse towers that would silently differ."""
     problems = []
     if not isinstance(visual.patch_dropout, nn.Identity):
@@ -383,4 +383,4 @@ def count_params(module: nn.Module) -> int:
 
 def ceil_mask_count(tokens: int, ratio: float) -> int:
     """Number of masked cells: numpy-ceil of the float product (spec §2.3)."""
-    return int(math.ceil(tokens * ratio))
+    return math.ceil(tokens * ratio)

@@ -102,12 +102,59 @@ class AdaptationResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # progress events
 
 
+def must_step_losses(
+    student: MustModel,
+    teacher: torch.nn.Module,
+    weak: torch.Tensor,
+    strong: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    conf_threshold: float,
+    weights: LossWeights,
+    moving_average_fairness: bool,
+    fair_state: torch.Tensor | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """One MUST objective evaluation (spec §0, §3). Returns (loss, detached parts, fairness state).
+
+    The teacher sees the unmasked weak view under inference mode; the student sees the masked strong
+    view. No host sync: the confident set is a weight, not a boolean index.
+    """
+    with torch.inference_mode():
+        probs = teacher(weak).float().softmax(-1)
+        conf, pseudo = probs.max(-1)
+        confident = conf > conf_threshold  # strict '>' (spec §3.1)
+    pseudo, confident = pseudo.clone(), confident.clone()  # plain tensors outside inference mode
+
+    out = student(strong, mask)
+    assert isinstance(out, MaskedOutput)
+    l_st = self_training_loss(out.logits, pseudo, confident)
+    p_mean = out.logits.float().softmax(-1).mean(0)
+    if moving_average_fairness:
+        l_fair, fair_state = fairness_moving_average(p_mean, fair_state)
+    else:
+        l_fair = fairness_batch(p_mean)
+    l_mim = mim_loss(out.recon, strong, out.mask_pix)
+    l_align = align_loss(out.align, out.token_mask)
+    loss = total_loss(l_st, l_fair, l_mim, l_align, weights)
+    parts = {
+        "loss": loss.detach(),
+        "st": l_st.detach(),
+        "fair": l_fair.detach(),
+        "mim": l_mim.detach(),
+        "align": l_align.detach(),
+        "conf_ratio": confident.float().mean(),
+    }
+    return loss, parts, fair_state
+
+
 def select_device(cfg: MustConfig) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(cfg.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DatasetError("device 'cuda' requested but CUDA is not available", code="invalid_config")
+        raise DatasetError(
+            "device 'cuda' requested but CUDA is not available", code="invalid_config"
+        )
     return dev
 
 
@@ -120,7 +167,9 @@ def autocast_dtype(cfg: MustConfig, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" else None
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:
+def _autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[Any]:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -209,6 +258,8 @@ def adapt(
     epochs = math.ceil(total_steps / steps_per_epoch)
 
     # ---- model (zero-shot init) -------------------------------------------------------------
+    # Seed first: random-weight bases (tests, benchmarks) and the mask-token init are then reproducible.
+    torch.manual_seed(cfg.seed)
     base = load_base_model(base_model)
     model = build_must_model(base, class_names, templates, logit_scale=cfg.logit_scale)
     preprocess, model_cfg = base.preprocess, base.model_cfg
@@ -221,8 +272,13 @@ def adapt(
     teacher = make_teacher(model)
     ema = EmaUpdater(teacher, model)
     optimizer = build_optimizer(
-        model, model.num_layers, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-        betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda",
+        model,
+        model.num_layers,
+        weight_decay=cfg.weight_decay,
+        layer_decay=cfg.layer_decay,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        fused=device.type == "cuda",
     )
     base_lr, final_lr = scaled_lrs(cfg.lr, cfg.min_lr, batch_size)
     d_init, d_final, warm = ema_schedule_params(cfg)
@@ -239,7 +295,6 @@ def adapt(
     fair_state: torch.Tensor | None = None
     metrics: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
-    torch.manual_seed(cfg.seed)
 
     if resume and ckpt_path.exists():
         state = ckpt.load_training_checkpoint(ckpt_path)
@@ -262,7 +317,8 @@ def adapt(
         if state["identity"].get("num_images") != n:
             _logger.warning(
                 "dataset changed since the checkpoint (%s → %d images); continuing",
-                state["identity"].get("num_images"), n,
+                state["identity"].get("num_images"),
+                n,
             )
         _logger.info("resumed from %s at step %d/%d", ckpt_path, step, total_steps)
 
@@ -276,8 +332,14 @@ def adapt(
         metrics["eval_num_skipped"] = eval_scan.num_skipped
         if "zero_shot" not in metrics:
             zs = evaluate_folder(
-                model, eval_items, preprocess, num_classes=model.num_classes, device=device,
-                batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype, num_workers=0,
+                model,
+                eval_items,
+                preprocess,
+                num_classes=model.num_classes,
+                device=device,
+                batch_size=cfg.eval_batch_size,
+                amp_dtype=amp_dtype,
+                num_workers=0,
             )
             metrics["zero_shot"] = zs.to_dict()
 
@@ -305,16 +367,26 @@ def adapt(
     dataset = MustTrainDataset(
         scan.files,
         weak_transform(preprocess),
-        strong_transform(preprocess, cfg.strong_crop_scale, cfg.randaug_num_ops,
-                         cfg.randaug_magnitude, cfg.randaug_magnitude_std),
+        strong_transform(
+            preprocess,
+            cfg.strong_crop_scale,
+            cfg.randaug_num_ops,
+            cfg.randaug_magnitude,
+            cfg.randaug_magnitude_std,
+        ),
         masks,
         seed=cfg.seed,
         draft_size=preprocess.image_size * 2,
     )
     workers = _loader_workers(cfg, device)
     loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
 
@@ -343,36 +415,27 @@ def adapt(
         set_lr(optimizer, lr_now)
         d_now = ema_decay(step, d_init, d_final, warm)
 
-        # Teacher: unmasked weak view, no autograd bookkeeping at all.
-        with torch.inference_mode(), _autocast(device, amp_dtype):
-            t_logits = teacher(weak)
-            probs = t_logits.float().softmax(-1)
-            conf, pseudo = probs.max(-1)
-            confident = conf > cfg.conf_threshold  # strict '>' (spec §3.1)
-        pseudo, confident = pseudo.clone(), confident.clone()  # leave inference mode
-
         with _autocast(device, amp_dtype):
-            out = model(strong, mask)
-            assert isinstance(out, MaskedOutput)
-            l_st = self_training_loss(out.logits, pseudo, confident)
-            p_mean = out.logits.float().softmax(-1).mean(0)
-            if use_ma_fair:
-                l_fair, fair_state = fairness_moving_average(p_mean, fair_state)
-            else:
-                l_fair = fairness_batch(p_mean)
-            l_mim = mim_loss(out.recon, strong, out.mask_pix)
-            l_align = align_loss(out.align, out.token_mask)
-            loss = total_loss(l_st, l_fair, l_mim, l_align, weights)
+            loss, parts, fair_state = must_step_losses(
+                model,
+                teacher,
+                weak,
+                strong,
+                mask,
+                conf_threshold=cfg.conf_threshold,
+                weights=weights,
+                moving_average_fairness=use_ma_fair,
+                fair_state=fair_state,
+            )
 
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
         ema.update(d_now)
         step += 1
 
         with torch.no_grad():
-            acc += torch.stack([loss.detach(), l_st.detach(), l_fair.detach(), l_mim.detach(),
-                                l_align.detach(), confident.float().mean()])
+            acc += torch.stack([parts[k] for k in LOSS_KEYS])
         acc_steps += 1
 
         last = step == total_steps
@@ -386,9 +449,14 @@ def adapt(
             now = time.monotonic()
             ips = acc_steps * batch_size / max(now - interval_t0, 1e-9)
             event = ProgressEvent(
-                step=step, total_steps=total_steps, epoch=(step - 1) // steps_per_epoch,
-                losses=dict(zip(LOSS_KEYS[:5], values[:5], strict=True)), conf_ratio=values[5],
-                lr=lr_now, ema_decay=d_now, images_per_second=ips,
+                step=step,
+                total_steps=total_steps,
+                epoch=(step - 1) // steps_per_epoch,
+                losses=dict(zip(LOSS_KEYS[:5], values[:5], strict=True)),
+                conf_ratio=values[5],
+                lr=lr_now,
+                ema_decay=d_now,
+                images_per_second=ips,
                 eta_seconds=(total_steps - step) * batch_size / max(ips, 1e-9),
             )
             history.append(event.to_dict())
@@ -405,9 +473,18 @@ def adapt(
         save(step)
         _logger.info("stopped at step %d/%d; checkpoint %s", step, total_steps, ckpt_path)
         return AdaptationResult(
-            status="stopped", step=step, total_steps=total_steps, output_dir=output_dir,
-            checkpoint_path=ckpt_path, model_path=None, ema_model_path=None, num_images=n,
-            num_skipped=scan.num_skipped, skipped=scan.skipped, metrics=metrics, history=history,
+            status="stopped",
+            step=step,
+            total_steps=total_steps,
+            output_dir=output_dir,
+            checkpoint_path=ckpt_path,
+            model_path=None,
+            ema_model_path=None,
+            num_images=n,
+            num_skipped=scan.num_skipped,
+            skipped=scan.skipped,
+            metrics=metrics,
+            history=history,
         )
 
     # ---- final eval + export ------------------------------------------------------------------
@@ -415,8 +492,14 @@ def adapt(
     if eval_items is not None:
         for name, net in (("adapted", model), ("adapted_ema", teacher)):
             res: EvalResult = evaluate_folder(
-                net, eval_items, preprocess, num_classes=model.num_classes, device=device,
-                batch_size=cfg.eval_batch_size, amp_dtype=amp_dtype, num_workers=0,
+                net,
+                eval_items,
+                preprocess,
+                num_classes=model.num_classes,
+                device=device,
+                batch_size=cfg.eval_batch_size,
+                amp_dtype=amp_dtype,
+                num_workers=0,
             )
             metrics[name] = res.to_dict()
     metrics["total_steps"] = total_steps
@@ -424,19 +507,32 @@ def adapt(
     metrics["num_skipped"] = scan.num_skipped
     metrics["train_seconds"] = time.monotonic() - t_start
     save(step)
-    extra = {"config": cfg.model_dump(mode="json"), "base_model": base_model.model_dump(),
-             "templates": templates, "steps": step}
+    extra = {
+        "config": cfg.model_dump(mode="json"),
+        "base_model": base_model.model_dump(),
+        "templates": templates,
+        "steps": step,
+    }
     model_path = output_dir / MODEL_NAME
     ckpt.export_classifier(
-        model_path, model.state_dict(), class_names=class_names, preprocess=preprocess.to_dict(),
-        model_cfg=model_cfg, logit_scale=cfg.logit_scale, extra={**extra, "weights": "student"},
+        model_path,
+        model.state_dict(),
+        class_names=class_names,
+        preprocess=preprocess.to_dict(),
+        model_cfg=model_cfg,
+        logit_scale=cfg.logit_scale,
+        extra={**extra, "weights": "student"},
     )
     ema_path = None
     if cfg.export_ema:
         ema_path = output_dir / EMA_MODEL_NAME
         ckpt.export_classifier(
-            ema_path, teacher.state_dict(), class_names=class_names,
-            preprocess=preprocess.to_dict(), model_cfg=model_cfg, logit_scale=cfg.logit_scale,
+            ema_path,
+            teacher.state_dict(),
+            class_names=class_names,
+            preprocess=preprocess.to_dict(),
+            model_cfg=model_cfg,
+            logit_scale=cfg.logit_scale,
             extra={**extra, "weights": "ema"},
         )
     import json
@@ -446,14 +542,25 @@ def adapt(
         lambda tmp: tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2)),
     )
     return AdaptationResult(
-        status="completed", step=step, total_steps=total_steps, output_dir=output_dir,
-        checkpoint_path=ckpt_path, model_path=model_path, ema_model_path=ema_path, num_images=n,
-        num_skipped=scan.num_skipped, skipped=scan.skipped, metrics=metrics, history=history,
+        status="completed",
+        step=step,
+        total_steps=total_steps,
+        output_dir=output_dir,
+        checkpoint_path=ckpt_path,
+        model_path=model_path,
+        ema_model_path=ema_path,
+        num_images=n,
+        num_skipped=scan.num_skipped,
+        skipped=scan.skipped,
+        metrics=metrics,
+        history=history,
     )
 
 
 def build_zero_shot(
-    base_model: BaseModelSpec, class_names: list[str], templates: list[str] | None = None,
+    base_model: BaseModelSpec,
+    class_names: list[str],
+    templates: list[str] | None = None,
     logit_scale: float = 100.0,
 ) -> tuple[MustModel, Any, dict[str, Any]]:
     """Zero-shot MUST model (no training) with its preprocessing and model config."""
