@@ -44,8 +44,13 @@ def problem(
 ) -> JSONResponse:
     st, title = STATUS.get(code, (status or 400, code.replace("_", " ").capitalize()))
     body = {
-        "type": f"/problems/{code}", "title": title, "status": status or st, "detail": detail,
-        "instance": request.url.path, "code": code, **extra,
+        "type": f"/problems/{code}",
+        "title": title,
+        "status": status or st,
+        "detail": detail,
+        "instance": request.url.path,
+        "code": code,
+        **extra,
     }
     headers = {"WWW-Authenticate": "Bearer"} if code == "unauthorized" else None
     return JSONResponse(body, status_code=status or st, media_type=PROBLEM_JSON, headers=headers)
@@ -65,8 +70,9 @@ def install(app: FastAPI) -> None:
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))}
             for e in exc.errors()
         ]
-        return problem(request, "validation_error", "the request does not match the schema",
-                       errors=errors)
+        return problem(
+            request, "validation_error", "the request does not match the schema", errors=errors
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -79,5 +85,6 @@ def install(app: FastAPI) -> None:
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
         request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
         _logger.error("unhandled error (request_id=%s)", request_id, exc_info=exc)
-        return problem(request, "internal_error", "internal error; quote the request_id",
-                       request_id=request_id)
+        return problem(
+            request, "internal_error", "internal error; quote the request_id", request_id=request_id
+        )

@@ -33,10 +33,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise RuntimeError("MUST_API__AUTH=none requires a loopback MUST_API__HOST")
             _logger.warning(
                 "API keys are NOT required (MUST_API__AUTH=none): anonymous calls act as the "
-                "'default' tenant; allowed only because the API is bound to %s", settings.api.host,
+                "'default' tenant; allowed only because the API is bound to %s",
+                settings.api.host,
             )
-        engine = make_engine(settings.database_url, pool_size=settings.db.pool_size,
-                             echo=settings.db.echo)
+        engine = make_engine(
+            settings.database_url, pool_size=settings.db.pool_size, echo=settings.db.echo
+        )
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(engine)
         app.state.store = make_store(settings)

@@ -22,8 +22,12 @@ class JobQueue:
     def send_job(self, job_id: str) -> None:
         w = self.settings.worker
         self.app.send_task(
-            names.RUN_JOB, args=[job_id], queue=w.queue, expires=w.requeue_queued_after_s,
-            retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2},
+            names.RUN_JOB,
+            args=[job_id],
+            queue=w.queue,
+            expires=w.requeue_queued_after_s,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2},
         )
 
     def ping(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from alembic import context
+
 from must_core.db import models  # noqa: F401  (registers the tables on Base.metadata)
 from must_core.db.base import Base
 from must_core.db.session import make_engine
@@ -25,7 +26,9 @@ def _url() -> str:
 def run_migrations_offline() -> None:
     url = _url()
     context.configure(
-        url=url, target_metadata=target_metadata, literal_binds=True,
+        url=url,
+        target_metadata=target_metadata,
+        literal_binds=True,
         render_as_batch=url.startswith("sqlite"),
     )
     with context.begin_transaction():

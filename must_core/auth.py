@@ -24,7 +24,9 @@ def create_key(session: Session, tenant_name: str, name: str = "") -> tuple[ApiK
     """Create a key for the tenant (created if new). Returns the row and the plaintext key."""
     tenant = get_or_create_tenant(session, tenant_name)
     plaintext = KEY_PREFIX + secrets.token_urlsafe(32)
-    row = ApiKey(tenant_id=tenant.id, name=name, prefix=plaintext[:12], key_hash=hash_key(plaintext))
+    row = ApiKey(
+        tenant_id=tenant.id, name=name, prefix=plaintext[:12], key_hash=hash_key(plaintext)
+    )
     session.add(row)
     session.flush()
     return row, plaintext
@@ -45,7 +47,8 @@ def authenticate(session: Session, key: str) -> uuid.UUID | None:
 
 def list_keys(session: Session) -> list[tuple[ApiKey, str]]:
     rows = session.execute(
-        select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+        select(ApiKey, Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
         .order_by(ApiKey.created_at)
     ).all()
     return [(k, t) for k, t in rows]

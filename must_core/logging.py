@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from must_core.settings import Settings
 
-_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("must_log_ctx", default={})
+_context: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "must_log_ctx", default=None
+)
 
 
 @contextmanager
 def bind(**values: Any) -> Iterator[None]:
     """Add key/values to every log record emitted inside the block."""
-    token = _context.set({**_context.get(), **values})
+    token = _context.set({**(_context.get() or {}), **values})
     try:
         yield
     finally:
@@ -33,7 +35,7 @@ def bind(**values: Any) -> Iterator[None]:
 
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        record.ctx = _context.get()
+        record.ctx = _context.get() or {}
         return True
 
 

@@ -68,9 +68,13 @@ class WorkerSettings(BaseModel):
     queue: str = "gpu"  # Celery queue for training jobs (one worker process per GPU consumes it)
     # torch CPU threads for training; None: all cores minus the API's share.
     num_threads: int | None = Field(None, ge=1, le=512)
-    num_workers: int | None = Field(None, ge=0, le=64)  # data-loader processes; None: engine default
+    num_workers: int | None = Field(
+        None, ge=0, le=64
+    )  # data-loader processes; None: engine default
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    work_dir: Path | None = None  # scratch space for datasets and checkpoints; None: <data_dir>/work
+    work_dir: Path | None = (
+        None  # scratch space for datasets and checkpoints; None: <data_dir>/work
+    )
     checkpoint_every_steps: int = Field(200, ge=1)  # upload last.pt to storage this often
     progress_every_steps: int = Field(10, ge=1)  # engine progress-event interval
     progress_write_interval_s: float = Field(2.0, ge=0)  # at most one progress write per interval
@@ -105,7 +109,9 @@ class Settings(BaseSettings):
     )
 
     env: Literal["dev", "test", "prod"] = "dev"
-    data_dir: Path = Path("./must-data")  # embedded mode: database, broker folders, artifacts, scratch
+    data_dir: Path = Path(
+        "./must-data"
+    )  # embedded mode: database, broker folders, artifacts, scratch
     log_level: str = "INFO"
     log_json: bool = False  # one JSON object per line (prod) instead of plain text
     db: DbSettings = Field(default_factory=DbSettings)

@@ -36,12 +36,17 @@ from must_core.storage.factory import make_s3_client_from_settings
 
 _logger = logging.getLogger(__name__)
 
+
 class TransientJobError(Exception):
     """Infrastructure hiccup (DB, storage, broker unreachable): the task retries with backoff."""
 
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    TransientStorageError, OperationalError, InterfaceError, ConnectionError, TimeoutError,
+    TransientStorageError,
+    OperationalError,
+    InterfaceError,
+    ConnectionError,
+    TimeoutError,
 )
 
 
@@ -76,8 +81,9 @@ class JobRunner:
         with bind(job_id=str(jid), attempt=attempt):
             _logger.info("claimed job")
             state = _Attempt(jid, attempt)
-            beat = threading.Thread(target=self._heartbeat_loop, args=(state,), daemon=True,
-                                    name=f"heartbeat-{jid}")
+            beat = threading.Thread(
+                target=self._heartbeat_loop, args=(state,), daemon=True, name=f"heartbeat-{jid}"
+            )
             beat.start()
             work = self.settings.work_dir / "jobs" / str(jid)
             try:
@@ -91,8 +97,11 @@ class JobRunner:
                 self._fail(state, exc.code, exc.message)
                 return "failed"
             except Exception as exc:
-                code = ("time_limit_exceeded" if type(exc).__name__ == "SoftTimeLimitExceeded"
-                        else "internal_error")
+                code = (
+                    "time_limit_exceeded"
+                    if type(exc).__name__ == "SoftTimeLimitExceeded"
+                    else "internal_error"
+                )
                 _logger.exception("job crashed")
                 self._fail(state, code, f"{type(exc).__name__}: {exc}"[:2000])
                 return "failed"
@@ -126,12 +135,15 @@ class JobRunner:
         bm = spec.get("base_model") or {}
         config_path = ckpt_path = None
         if bm.get("config_uri"):
-            config_path = fetch_file(bm["config_uri"], work / "base" / "config.json", policy, s3_client)
+            config_path = fetch_file(
+                bm["config_uri"], work / "base" / "config.json", policy, s3_client
+            )
         if bm.get("checkpoint_uri"):
             name = Path(bm["checkpoint_uri"].split("?", 1)[0]).name or "weights.bin"
             ckpt_path = fetch_file(bm["checkpoint_uri"], work / "base" / name, policy, s3_client)
         base = BaseModelSpec(
-            arch=bm.get("arch") or "ViT-B-16", pretrained=bm.get("pretrained"),
+            arch=bm.get("arch") or "ViT-B-16",
+            pretrained=bm.get("pretrained"),
             config=str(config_path) if config_path else None,
             checkpoint=str(ckpt_path) if ckpt_path else None,
             force_quick_gelu=bm.get("force_quick_gelu"),
@@ -140,8 +152,12 @@ class JobRunner:
         preset = params.pop("preset", None)
         w = self.settings.worker
         cfg = make_config(
-            preset, **params, device=w.device, num_threads=self.settings.worker_threads,
-            num_workers=w.num_workers, checkpoint_every_steps=w.checkpoint_every_steps,
+            preset,
+            **params,
+            device=w.device,
+            num_threads=self.settings.worker_threads,
+            num_workers=w.num_workers,
+            checkpoint_every_steps=w.checkpoint_every_steps,
             progress_every_steps=w.progress_every_steps,
         )
 
@@ -160,8 +176,7 @@ class JobRunner:
             if not final and now - state.last_progress_write < w.progress_write_interval_s:
                 return
             state.last_progress_write = now
-            self._write(state, progress=_progress(event),
-                        metrics=_merge_train(spec, event))
+            self._write(state, progress=_progress(event), metrics=_merge_train(spec, event))
 
         def on_checkpoint(path: Path, step: int) -> None:
             self.store.put_file(path, checkpoint_key(state.job_id))
@@ -172,21 +187,32 @@ class JobRunner:
 
         self._write(state, progress={"step": ckpt_step or 0, "fraction": 0.0, "phase": "train"})
         result = adapt(
-            cfg, images_dir=images, class_names=list(spec["class_names"]), output_dir=out,
-            base_model=base, templates=spec.get("templates"), eval_dir=eval_dir, resume=True,
-            on_progress=on_progress, should_stop=should_stop, on_checkpoint=on_checkpoint,
+            cfg,
+            images_dir=images,
+            class_names=list(spec["class_names"]),
+            output_dir=out,
+            base_model=base,
+            templates=spec.get("templates"),
+            eval_dir=eval_dir,
+            resume=True,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            on_checkpoint=on_checkpoint,
         )
         stats = {
-            "num_images": result.num_images, "num_skipped": result.num_skipped,
+            "num_images": result.num_images,
+            "num_skipped": result.num_skipped,
             "skipped_examples": [{"path": p, "reason": r} for p, r in result.skipped[:20]],
         }
         progress = {
-            "step": result.step, "total_steps": result.total_steps,
+            "step": result.step,
+            "total_steps": result.total_steps,
             "fraction": result.step / result.total_steps if result.total_steps else 0.0,
             "epoch": (result.history[-1]["epoch"] if result.history else None),
             "eta_seconds": 0.0 if result.status == "completed" else None,
-            "images_per_second": (result.history[-1]["images_per_second"]
-                                  if result.history else None),
+            "images_per_second": (
+                result.history[-1]["images_per_second"] if result.history else None
+            ),
             "phase": "done" if result.status == "completed" else "stopped",
         }
         metrics = _json_safe(result.metrics)
@@ -195,8 +221,15 @@ class JobRunner:
                 _logger.warning("lost the claim on this job; another attempt owns it now")
                 return "lost"
             with session_scope(self.sessions) as s:
-                queries.finish_job(s, state.job_id, state.attempt, JobStatus.CANCELLED,
-                                   progress=progress, metrics=metrics, dataset_stats=stats)
+                queries.finish_job(
+                    s,
+                    state.job_id,
+                    state.attempt,
+                    JobStatus.CANCELLED,
+                    progress=progress,
+                    metrics=metrics,
+                    dataset_stats=stats,
+                )
             _logger.info("job cancelled at step %d", result.step)
             return "cancelled"
 
@@ -213,14 +246,26 @@ class JobRunner:
             job = queries.load_job(s, state.job_id)
             assert job is not None
             model = AdaptedModel(
-                tenant_id=job.tenant_id, job_id=job.id, class_names=list(spec["class_names"]),
-                base_model=dict(bm), metrics=metrics, artifact_key=model_key(state.job_id),
-                ema_artifact_key=ema_key, size_bytes=result.model_path.stat().st_size,
+                tenant_id=job.tenant_id,
+                job_id=job.id,
+                class_names=list(spec["class_names"]),
+                base_model=dict(bm),
+                metrics=metrics,
+                artifact_key=model_key(state.job_id),
+                ema_artifact_key=ema_key,
+                size_bytes=result.model_path.stat().st_size,
             )
             ok = queries.complete_job(
-                s, job, state.attempt, model=model,
-                values={"progress": progress, "metrics": metrics, "dataset_stats": stats,
-                        "resumed_from_step": resumed_from},
+                s,
+                job,
+                state.attempt,
+                model=model,
+                values={
+                    "progress": progress,
+                    "metrics": metrics,
+                    "dataset_stats": stats,
+                    "resumed_from_step": resumed_from,
+                },
             )
             if not ok:
                 s.rollback()
@@ -236,9 +281,16 @@ class JobRunner:
                 state.lost.set()
 
     def _fail(self, state: _Attempt, code: str, message: str) -> None:
-        self._safe(lambda s: queries.finish_job(
-            s, state.job_id, state.attempt, JobStatus.FAILED, error_code=code, error_message=message,
-        ))
+        self._safe(
+            lambda s: queries.finish_job(
+                s,
+                state.job_id,
+                state.attempt,
+                JobStatus.FAILED,
+                error_code=code,
+                error_message=message,
+            )
+        )
 
     def _safe(self, fn: Any) -> None:
         try:
@@ -264,10 +316,15 @@ class JobRunner:
 
 def _progress(event: Any) -> dict[str, Any]:
     return {
-        "step": event.step, "total_steps": event.total_steps, "epoch": event.epoch,
-        "fraction": event.fraction, "eta_seconds": event.eta_seconds,
-        "images_per_second": event.images_per_second, "phase": getattr(event, "phase", "train"),
-        "lr": event.lr, "ema_decay": event.ema_decay,
+        "step": event.step,
+        "total_steps": event.total_steps,
+        "epoch": event.epoch,
+        "fraction": event.fraction,
+        "eta_seconds": event.eta_seconds,
+        "images_per_second": event.images_per_second,
+        "phase": getattr(event, "phase", "train"),
+        "lr": event.lr,
+        "ema_decay": event.ema_decay,
     }
 
 

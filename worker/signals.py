@@ -22,19 +22,19 @@ _logger = logging.getLogger(__name__)
 _sweeper: Any = None
 
 
-@setup_logging.connect
+@setup_logging.connect  # type: ignore[untyped-decorator]
 def _setup_logging(**_: Any) -> None:
     configure(get_settings())
 
 
-@worker_init.connect
+@worker_init.connect  # type: ignore[untyped-decorator]
 def _preload(**_: Any) -> None:
     """Import torch/open_clip once in the parent so each forked child starts fast (no CUDA here)."""
     os.environ.setdefault("OMP_NUM_THREADS", str(get_settings().worker_threads))
     import must_core.ml.train  # noqa: F401
 
 
-@worker_process_init.connect
+@worker_process_init.connect  # type: ignore[untyped-decorator]
 def _child_init(**_: Any) -> None:
     """Fresh DB pool and torch thread count in each pool child (CUDA is never touched here)."""
     context.reset_after_fork()
@@ -45,7 +45,7 @@ def _child_init(**_: Any) -> None:
     torch.set_num_threads(threads)
 
 
-@worker_ready.connect
+@worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_sweeper(**_: Any) -> None:
     global _sweeper
     from worker.sweeper import SweeperThread
@@ -56,12 +56,14 @@ def _start_sweeper(**_: Any) -> None:
     _sweeper.start()
     _logger.info(
         "worker ready: queue=%s threads=%d sweeper every %.0fs (stale after %.0fs)",
-        settings.worker.queue, settings.worker_threads, settings.worker.sweep_interval_s,
+        settings.worker.queue,
+        settings.worker_threads,
+        settings.worker.sweep_interval_s,
         settings.worker.stale_after_s,
     )
 
 
-@worker_shutdown.connect
+@worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _stop_sweeper(**_: Any) -> None:
     if _sweeper is not None:
         _sweeper.stopping.set()

@@ -35,8 +35,9 @@ def sweep_once(
     for job_id in requeued:
         _logger.warning("job %s: worker lost (stale heartbeat); re-queued to resume", job_id)
     for job_id in failed:
-        _logger.warning("job %s: worker lost and no attempts left, or cancel pending; finalised",
-                        job_id)
+        _logger.warning(
+            "job %s: worker lost and no attempts left, or cancel pending; finalised", job_id
+        )
     for job_id in [*requeued, *resend]:
         try:
             send(str(job_id))

@@ -19,7 +19,7 @@ def send_run_job(job_id: str) -> None:
     app.send_task(names.RUN_JOB, args=[job_id], queue=w.queue, expires=w.requeue_queued_after_s)
 
 
-@app.task(
+@app.task(  # type: ignore[untyped-decorator]
     name=names.RUN_JOB,
     bind=True,
     acks_late=True,
@@ -36,7 +36,7 @@ def run_job(self: Any, job_id: str) -> str:
     return context.runner().run_job(job_id)
 
 
-@app.task(name=names.SWEEP, ignore_result=True)
+@app.task(name=names.SWEEP, ignore_result=True)  # type: ignore[untyped-decorator]
 def sweep_stale_jobs() -> dict[str, int]:
     """Re-queue or fail jobs with a stale heartbeat; re-send queued jobs whose message was lost."""
     return sweep_once(get_settings(), context.sessions(), send_run_job)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from typing import Any
 
 from fastapi import APIRouter, Query, Response, status
 
@@ -15,13 +16,16 @@ from must_core.storage.keys import model_prefix
 
 _logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/models", tags=["models"])
-_404 = {404: {"description": "No such model for this tenant"}}
+_404: dict[int | str, dict[str, Any]] = {404: {"description": "No such model for this tenant"}}
 
 
 @router.get("", response_model=ModelList)
 def list_models(
-    session: SessionDep, tenant: TenantDep, settings: SettingsDep,
-    limit: int = Query(20, ge=1, le=1000), offset: int = Query(0, ge=0),
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    limit: int = Query(20, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
 ) -> ModelList:
     """The caller's adapted models, newest first."""
     limit = min(limit, settings.api.max_page_size)
@@ -47,6 +51,7 @@ def delete_model(
     try:
         store.delete_prefix(model_prefix(job_id))
     except Exception:
-        _logger.exception("model %s deleted but its files under %s remain", model_id,
-                          model_prefix(job_id))
+        _logger.exception(
+            "model %s deleted but its files under %s remain", model_id, model_prefix(job_id)
+        )
     return Response(status_code=status.HTTP_204_NO_CONTENT)

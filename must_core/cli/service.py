@@ -24,11 +24,19 @@ def register(sub: Any) -> None:
     serve.add_argument("--host", help="bind address (default: MUST_API__HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: MUST_API__PORT or 8000)")
     serve.add_argument("--data-dir", type=Path, help="database, broker, artifacts (MUST_DATA_DIR)")
-    serve.add_argument("--require-keys", action="store_true",
-                       help="require API keys even on 127.0.0.1 (always required elsewhere)")
-    serve.add_argument("--allow-root", action="append", type=Path, default=[],
-                       help="folder file:// dataset URIs may read (repeatable; default: data dir"
-                       " 'datasets/' plus MUST_DATASETS__ALLOWED_ROOTS)")
+    serve.add_argument(
+        "--require-keys",
+        action="store_true",
+        help="require API keys even on 127.0.0.1 (always required elsewhere)",
+    )
+    serve.add_argument(
+        "--allow-root",
+        action="append",
+        type=Path,
+        default=[],
+        help="folder file:// dataset URIs may read (repeatable; default: data dir"
+        " 'datasets/' plus MUST_DATASETS__ALLOWED_ROOTS)",
+    )
     serve.add_argument("--worker-threads", type=int, help="torch threads of the worker")
     serve.add_argument("--no-worker", action="store_true", help="API only")
     serve.set_defaults(func=cmd_serve)
@@ -55,14 +63,28 @@ def upgrade_database(url: str) -> None:
     from alembic import command
     from alembic.config import Config
 
-    import migrations
-
     cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    cfg.set_main_option("script_location", str(_migrations_dir()))
     cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(cfg, "head")
+
+
+def _migrations_dir() -> Path:
+    """The Alembic scripts: the ``migrations`` package when importable, else the source checkout."""
+    try:
+        import migrations
+
+        return Path(migrations.__file__).parent
+    except ImportError:
+        here = Path(__file__).resolve().parents[2] / "migrations"
+        if (here / "env.py").is_file():
+            return here
+        raise RuntimeError(
+            "Alembic migrations not found: run from the source checkout or install the "
+            "'migrations' package"
+        ) from None
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -92,8 +114,10 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         row, plaintext = auth.create_key(s, args.tenant, args.name)
         key_id = row.id
     print(plaintext)
-    print(f"# key id {key_id} for tenant {args.tenant!r}; store it now, it is not shown again",
-          file=sys.stderr)
+    print(
+        f"# key id {key_id} for tenant {args.tenant!r}; store it now, it is not shown again",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -141,7 +165,9 @@ def serve_env(args: argparse.Namespace) -> dict[str, str]:
 
     host = env.get("MUST_API__HOST", ApiSettings().host)
     if "MUST_API__AUTH" not in env:
-        env["MUST_API__AUTH"] = "keys" if args.require_keys or host not in LOOPBACK_HOSTS else "none"
+        env["MUST_API__AUTH"] = (
+            "keys" if args.require_keys or host not in LOOPBACK_HOSTS else "none"
+        )
     roots = [str(p.resolve()) for p in args.allow_root]
     if roots or "MUST_DATASETS__ALLOWED_ROOTS" not in env:
         default_data = Settings.model_fields["data_dir"].default
@@ -170,29 +196,61 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.api.auth == "none":
         _logger.warning(
             "embedded mode WITHOUT API keys: bound to %s only; use --require-keys or bind "
-            "elsewhere to enforce keys", settings.api.host,
+            "elsewhere to enforce keys",
+            settings.api.host,
         )
     api_env = {**env, "OMP_NUM_THREADS": str(settings.api.num_threads)}
     worker_env = {**env, "OMP_NUM_THREADS": str(settings.worker_threads)}
     py = sys.executable
     procs: dict[str, subprocess.Popen[bytes]] = {}
     procs["api"] = subprocess.Popen(
-        [py, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", settings.api.host,
-         "--port", str(settings.api.port), "--workers", "1", "--no-access-log"],
+        [
+            py,
+            "-m",
+            "uvicorn",
+            "api.main:create_app",
+            "--factory",
+            "--host",
+            settings.api.host,
+            "--port",
+            str(settings.api.port),
+            "--workers",
+            "1",
+            "--no-access-log",
+        ],
         env=api_env,
     )
     if not args.no_worker:
         procs["worker"] = subprocess.Popen(
-            [py, "-m", "celery", "-A", "worker.app", "worker", "-Q", settings.worker.queue,
-             "--pool=prefork", "--concurrency=1", "--max-tasks-per-child=1",
-             "--without-gossip", "--without-mingle", "-n", f"must-{os.getpid()}@%h",
-             "-l", settings.log_level.upper()],
+            [
+                py,
+                "-m",
+                "celery",
+                "-A",
+                "worker.app",
+                "worker",
+                "-Q",
+                settings.worker.queue,
+                "--pool=prefork",
+                "--concurrency=1",
+                "--max-tasks-per-child=1",
+                "--without-gossip",
+                "--without-mingle",
+                "-n",
+                f"must-{os.getpid()}@%h",
+                "-l",
+                settings.log_level.upper(),
+            ],
             env=worker_env,
         )
     _logger.info(
         "must serve: API on http://%s:%d (docs at /docs), worker threads %d, API threads %d, "
-        "data in %s", settings.api.host, settings.api.port, settings.worker_threads,
-        settings.api.num_threads, settings.data_dir.resolve(),
+        "data in %s",
+        settings.api.host,
+        settings.api.port,
+        settings.worker_threads,
+        settings.api.num_threads,
+        settings.data_dir.resolve(),
     )
     return _supervise(procs)
 

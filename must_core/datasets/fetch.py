@@ -69,7 +69,9 @@ def fetch_file(uri: str, dest: Path, policy: DatasetSettings, s3_client: S3Clien
         try:
             client.download_file(parsed.bucket, parsed.key, str(dest))
         except Exception as exc:
-            raise DatasetFetchError(f"cannot download {uri}: {exc}", code="artifact_fetch_failed") from exc
+            raise DatasetFetchError(
+                f"cannot download {uri}: {exc}", code="artifact_fetch_failed"
+            ) from exc
         return dest
     download_http(parsed, dest, policy)
     return dest
@@ -123,13 +125,15 @@ def _fetch_s3_prefix(parsed: ParsedUri, dest: Path, policy: DatasetSettings, cli
                 objects.append((key, int(obj.get("Size", 0))))
                 total += int(obj.get("Size", 0))
                 if len(objects) > policy.max_files:
-                    raise DatasetTooLargeError(f"more than {policy.max_files} objects under {parsed.raw}")
+                    raise DatasetTooLargeError(
+                        f"more than {policy.max_files} objects under {parsed.raw}"
+                    )
                 if total > policy.max_download_bytes:
                     raise DatasetTooLargeError(
                         f"{parsed.raw} holds more than {policy.max_download_bytes} bytes"
                     )
         for key, _size in objects:
-            rel = _safe_relative(key[len(parsed.key):])
+            rel = _safe_relative(key[len(parsed.key) :])
             if rel is None:
                 _logger.warning("skipping object with an unsafe key: %s", key)
                 continue
@@ -148,7 +152,9 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
     def __init__(self, policy: DatasetSettings) -> None:
         self.policy = policy
 
-    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+    def redirect_request(
+        self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> Any:
         parts = urlsplit(newurl)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UriPolicyError(f"redirect to a non-http(s) URL refused: {newurl}")
@@ -200,9 +206,7 @@ def _copy_capped(src: IO[bytes], dest: Path, budget: list[int], policy: DatasetS
         while chunk := src.read(_CHUNK):
             budget[0] += len(chunk)
             if budget[0] > policy.max_extracted_bytes:
-                raise ArchiveBombError(
-                    f"archive expands beyond {policy.max_extracted_bytes} bytes"
-                )
+                raise ArchiveBombError(f"archive expands beyond {policy.max_extracted_bytes} bytes")
             out.write(chunk)
 
 
@@ -228,7 +232,9 @@ def _check_totals(count: int, declared: int, packed: int, policy: DatasetSetting
     if count > policy.max_files:
         raise ArchiveBombError(f"archive has more than {policy.max_files} members")
     if declared > policy.max_extracted_bytes:
-        raise ArchiveBombError(f"archive expands to {declared} bytes (cap {policy.max_extracted_bytes})")
+        raise ArchiveBombError(
+            f"archive expands to {declared} bytes (cap {policy.max_extracted_bytes})"
+        )
     if declared > _RATIO_MIN_BYTES and declared / packed > policy.max_compression_ratio:
         raise ArchiveBombError(
             f"compression ratio {declared / packed:.0f} exceeds {policy.max_compression_ratio:.0f}"

@@ -83,7 +83,9 @@ def parse_uri(uri: str, *, kind: Kind = "dir") -> ParsedUri:
                     f"http(s) datasets must be archives ({', '.join(ARCHIVE_SUFFIXES)}): {uri!r}"
                 )
         return ParsedUri(scheme, uri, host=parts.hostname, archive_suffix=suffix)  # type: ignore[arg-type]
-    raise InvalidUriError(f"unsupported URI scheme {parts.scheme!r}; use s3://, file:// or https://")
+    raise InvalidUriError(
+        f"unsupported URI scheme {parts.scheme!r}; use s3://, file:// or https://"
+    )
 
 
 def _check_relative(key: str, uri: str) -> None:

@@ -29,6 +29,11 @@ class JobNotCancellableError(MustError):
     code = "job_not_cancellable"
 
 
+def _rows(result: Any) -> int:
+    """Rows matched by an UPDATE (CursorResult.rowcount)."""
+    return int(result.rowcount)
+
+
 # ---- tenants ---------------------------------------------------------------------------------
 def get_or_create_tenant(session: Session, name: str) -> Tenant:
     tenant = session.scalar(select(Tenant).where(Tenant.name == name))
@@ -43,8 +48,16 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
 def create_job(session: Session, tenant_id: uuid.UUID, spec: dict[str, Any]) -> Job:
     now = utcnow()
     job = Job(
-        tenant_id=tenant_id, status=JobStatus.QUEUED.value, spec=spec, progress={}, metrics={},
-        dataset_stats={}, attempt=0, cancel_requested=False, created_at=now, updated_at=now,
+        tenant_id=tenant_id,
+        status=JobStatus.QUEUED.value,
+        spec=spec,
+        progress={},
+        metrics={},
+        dataset_stats={},
+        attempt=0,
+        cancel_requested=False,
+        created_at=now,
+        updated_at=now,
     )
     session.add(job)
     session.flush()
@@ -87,10 +100,11 @@ def request_cancel(session: Session, job: Job) -> Job:
     res = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
-        .values(status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now,
-                updated_at=now)
+        .values(
+            status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now, updated_at=now
+        )
     )
-    if res.rowcount == 0:  # type: ignore[attr-defined]
+    if _rows(res) == 0:
         session.execute(
             update(Job)
             .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value)
@@ -106,13 +120,21 @@ def claim_job(session: Session, job_id: uuid.UUID, worker: str) -> int | None:
     now = utcnow()
     res = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value,
-               Job.cancel_requested.is_(False))
-        .values(status=JobStatus.RUNNING.value, attempt=Job.attempt + 1, heartbeat_at=now,
-                started_at=func.coalesce(Job.started_at, now), worker=worker, updated_at=now,
-                error_code=None, error_message=None)
+        .where(
+            Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False)
+        )
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempt=Job.attempt + 1,
+            heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+            worker=worker,
+            updated_at=now,
+            error_code=None,
+            error_message=None,
+        )
     )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if _rows(res) != 1:
         return None
     attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
     return int(attempt) if attempt is not None else None
@@ -127,40 +149,56 @@ def heartbeat(session: Session, job_id: uuid.UUID, attempt: int) -> tuple[bool, 
     now = utcnow()
     res = session.execute(update(Job).where(_owned(job_id, attempt)).values(heartbeat_at=now))
     cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
-    return res.rowcount == 1, bool(cancel)  # type: ignore[attr-defined]
+    return _rows(res) == 1, bool(cancel)
 
 
 def update_running(session: Session, job_id: uuid.UUID, attempt: int, **values: Any) -> bool:
     """Write progress/metrics/stats fields while the claim is ours (also refreshes the heartbeat)."""
     now = utcnow()
     res = session.execute(
-        update(Job).where(_owned(job_id, attempt)).values(heartbeat_at=now, updated_at=now, **values)
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(heartbeat_at=now, updated_at=now, **values)
     )
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return _rows(res) == 1
 
 
 def finish_job(
-    session: Session, job_id: uuid.UUID, attempt: int, status: JobStatus,
-    *, error_code: str | None = None, error_message: str | None = None, **values: Any,
+    session: Session,
+    job_id: uuid.UUID,
+    attempt: int,
+    status: JobStatus,
+    *,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    **values: Any,
 ) -> bool:
     now = utcnow()
     res = session.execute(
-        update(Job).where(_owned(job_id, attempt)).values(
-            status=status.value, finished_at=now, updated_at=now, heartbeat_at=now,
-            error_code=error_code, error_message=error_message, **values,
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(
+            status=status.value,
+            finished_at=now,
+            updated_at=now,
+            heartbeat_at=now,
+            error_code=error_code,
+            error_message=error_message,
+            **values,
         )
     )
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return _rows(res) == 1
 
 
 def release_job(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
     """running → queued after a transient infrastructure error, so a retry can claim it again."""
     now = utcnow()
     res = session.execute(
-        update(Job).where(_owned(job_id, attempt))
+        update(Job)
+        .where(_owned(job_id, attempt))
         .values(status=JobStatus.QUEUED.value, updated_at=now, enqueued_at=now)
     )
-    return res.rowcount == 1  # type: ignore[attr-defined]
+    return _rows(res) == 1
 
 
 def complete_job(
@@ -192,19 +230,23 @@ def sweep_stale(
             Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff
         )
     ).all()
-    requeued, failed = [], []
+    requeued: list[uuid.UUID] = []
+    failed: list[uuid.UUID] = []
     for job_id, attempt, cancel in stale:
         cond = _owned(job_id, attempt) & (Job.heartbeat_at < cutoff)
         if cancel:
             values: dict[str, Any] = {"status": JobStatus.CANCELLED.value, "finished_at": now}
         elif attempt >= max_attempts:
-            values = {"status": JobStatus.FAILED.value, "finished_at": now,
-                      "error_code": "worker_lost",
-                      "error_message": f"worker stopped heartbeating {attempt} time(s); giving up"}
+            values = {
+                "status": JobStatus.FAILED.value,
+                "finished_at": now,
+                "error_code": "worker_lost",
+                "error_message": f"worker stopped heartbeating {attempt} time(s); giving up",
+            }
         else:
             values = {"status": JobStatus.QUEUED.value, "enqueued_at": now}
         res = session.execute(update(Job).where(cond).values(updated_at=now, **values))
-        if res.rowcount == 1:  # type: ignore[attr-defined]
+        if _rows(res) == 1:
             (requeued if values["status"] == JobStatus.QUEUED.value else failed).append(job_id)
     return requeued, failed
 
@@ -212,12 +254,17 @@ def sweep_stale(
 def queued_due_for_resend(session: Session, *, now: datetime, after_s: float) -> list[uuid.UUID]:
     """Queued jobs whose message may be lost (never sent, expired): bump enqueued_at, return ids."""
     cutoff = now - timedelta(seconds=after_s)
-    ids = list(session.scalars(
-        select(Job.id).where(
-            Job.status == JobStatus.QUEUED.value,
-            (Job.enqueued_at.is_(None) & (Job.created_at < cutoff)) | (Job.enqueued_at < cutoff),
-        ).limit(1000)
-    ))
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED.value,
+                (Job.enqueued_at.is_(None) & (Job.created_at < cutoff))
+                | (Job.enqueued_at < cutoff),
+            )
+            .limit(1000)
+        )
+    )
     if ids:
         session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=now))
     return ids
@@ -231,7 +278,8 @@ def list_models(
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     items = session.scalars(
         query.order_by(AdaptedModel.created_at.desc(), AdaptedModel.id.desc())
-        .limit(limit).offset(offset)
+        .limit(limit)
+        .offset(offset)
     ).all()
     return list(items), int(total)
 

@@ -87,7 +87,9 @@ class JobError(_Schema):
 
 class JobMetrics(_Schema):
     train: dict[str, float] | None = None  # latest losses (loss, st, fair, mim, align) + conf_ratio
-    eval: dict[str, Any] | None = None  # zero_shot / adapted / adapted_ema when an eval set was given
+    eval: dict[str, Any] | None = (
+        None  # zero_shot / adapted / adapted_ema when an eval set was given
+    )
 
 
 class DatasetStats(_Schema):

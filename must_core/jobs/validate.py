@@ -10,9 +10,15 @@ from must_core.jobs.schemas import JobCreate
 from must_core.settings import Settings
 
 # Runtime knobs the worker sets from settings; a job's params may not set them.
-RUNTIME_KEYS = frozenset({
-    "device", "num_threads", "num_workers", "checkpoint_every_steps", "progress_every_steps",
-})
+RUNTIME_KEYS = frozenset(
+    {
+        "device",
+        "num_threads",
+        "num_workers",
+        "checkpoint_every_steps",
+        "progress_every_steps",
+    }
+)
 
 
 def validate_job(body: JobCreate, settings: Settings) -> dict[str, Any]:

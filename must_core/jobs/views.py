@@ -35,7 +35,8 @@ def job_view(job: Job) -> JobRead:
         dataset=DatasetStats.model_validate(stats),
         model_id=job.model_id,
         error=JobError(code=job.error_code, message=job.error_message or "")
-        if job.error_code else None,
+        if job.error_code
+        else None,
         attempt=job.attempt,
         cancel_requested=job.cancel_requested,
         resumed_from_step=job.resumed_from_step,

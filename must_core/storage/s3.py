@@ -139,7 +139,7 @@ class S3Store:
             )
             for page in pages:
                 for obj in page.get("Contents", []):
-                    keys.append(obj["Key"][len(self.prefix):])
+                    keys.append(obj["Key"][len(self.prefix) :])
         except (BotoCoreError, ClientError) as exc:
             raise translate(exc, f"list {prefix}") from exc
         return keys
@@ -150,7 +150,7 @@ class S3Store:
         keys = self.list_keys(prefix)
         try:
             for i in range(0, len(keys), 1000):
-                chunk = [{"Key": self.prefix + k} for k in keys[i:i + 1000]]
+                chunk = [{"Key": self.prefix + k} for k in keys[i : i + 1000]]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": chunk})
         except (BotoCoreError, ClientError) as exc:
             raise translate(exc, f"delete {prefix}") from exc
@@ -158,7 +158,8 @@ class S3Store:
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str | None:
         url: str = self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)},
+            "get_object",
+            Params={"Bucket": self.bucket, "Key": self._key(key)},
             ExpiresIn=expires_s,
         )
         return url

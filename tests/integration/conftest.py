@@ -61,7 +61,9 @@ def pg_url(tmp_root: Path) -> Iterator[str]:
     url = f"postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
     subprocess.run(
         [sys.executable, "-m", "alembic", "-x", f"url={url}", "upgrade", "head"],
-        cwd=REPO, check=True, capture_output=True,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
     )
     yield url
     assert name.startswith("must_test_")
@@ -105,14 +107,29 @@ def s3(tmp_root: Path, log_dir: Path) -> Iterator[dict[str, Any]]:
     data.mkdir()
     port = free_port()
     key, secret = "test-key", f"test-secret-{uuid.uuid4().hex[:8]}"
-    proc = Proc("rclone", [
-        _rclone(), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}",
-        str(data),
-    ], dict(os.environ), log_dir)
+    proc = Proc(
+        "rclone",
+        [
+            _rclone(),
+            "serve",
+            "s3",
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--auth-key",
+            f"{key},{secret}",
+            str(data),
+        ],
+        dict(os.environ),
+        log_dir,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     client = boto3.client(
-        "s3", endpoint_url=endpoint, aws_access_key_id=key, aws_secret_access_key=secret,
-        region_name="us-east-1", config=Config(s3={"addressing_style": "path"}),
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=key,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}),
     )
 
     def up() -> bool:
@@ -128,8 +145,14 @@ def s3(tmp_root: Path, log_dir: Path) -> Iterator[dict[str, Any]]:
     bucket = "test-must-artifacts"
     client.create_bucket(Bucket=bucket)
     client.create_bucket(Bucket="test-must-datasets")
-    yield {"endpoint": endpoint, "key": key, "secret": secret, "bucket": bucket,
-           "datasets_bucket": "test-must-datasets", "client": client}
+    yield {
+        "endpoint": endpoint,
+        "key": key,
+        "secret": secret,
+        "bucket": bucket,
+        "datasets_bucket": "test-must-datasets",
+        "client": client,
+    }
     proc.stop()
 
 
@@ -146,34 +169,36 @@ def service_env(
     pg_url: str, redis_url: str, s3: dict[str, Any], datasets_root: Path, tmp_root: Path
 ) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUST_")}
-    env.update({
-        "PYTHONPATH": str(REPO),
-        "OMP_NUM_THREADS": "1",
-        "MUST_ENV": "test",
-        "MUST_DATA_DIR": str(tmp_root / "data"),
-        "MUST_DB__URL": pg_url,
-        "MUST_BROKER__URL": redis_url,
-        "MUST_STORAGE__BACKEND": "s3",
-        "MUST_STORAGE__BUCKET": s3["bucket"],
-        "MUST_STORAGE__ENDPOINT_URL": s3["endpoint"],
-        "MUST_STORAGE__ACCESS_KEY_ID": s3["key"],
-        "MUST_STORAGE__SECRET_ACCESS_KEY": s3["secret"],
-        "MUST_DATASETS__ALLOWED_ROOTS": f'["{datasets_root}"]',
-        "MUST_API__AUTH": "keys",
-        "MUST_API__NUM_THREADS": "1",
-        "MUST_WORKER__QUEUE": "test-gpu",
-        "MUST_WORKER__DEVICE": "cpu",
-        "MUST_WORKER__NUM_THREADS": "1",
-        "MUST_WORKER__NUM_WORKERS": "0",
-        "MUST_WORKER__CHECKPOINT_EVERY_STEPS": "5",
-        "MUST_WORKER__PROGRESS_EVERY_STEPS": "1",
-        "MUST_WORKER__PROGRESS_WRITE_INTERVAL_S": "0.3",
-        "MUST_WORKER__HEARTBEAT_INTERVAL_S": "1",
-        "MUST_WORKER__STALE_AFTER_S": "8",
-        "MUST_WORKER__SWEEP_INTERVAL_S": "2",
-        "MUST_WORKER__WORK_DIR": str(tmp_root / "work"),
-        "MUST_LOG_LEVEL": "INFO",
-    })
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            "MUST_ENV": "test",
+            "MUST_DATA_DIR": str(tmp_root / "data"),
+            "MUST_DB__URL": pg_url,
+            "MUST_BROKER__URL": redis_url,
+            "MUST_STORAGE__BACKEND": "s3",
+            "MUST_STORAGE__BUCKET": s3["bucket"],
+            "MUST_STORAGE__ENDPOINT_URL": s3["endpoint"],
+            "MUST_STORAGE__ACCESS_KEY_ID": s3["key"],
+            "MUST_STORAGE__SECRET_ACCESS_KEY": s3["secret"],
+            "MUST_DATASETS__ALLOWED_ROOTS": f'["{datasets_root}"]',
+            "MUST_API__AUTH": "keys",
+            "MUST_API__NUM_THREADS": "1",
+            "MUST_WORKER__QUEUE": "test-gpu",
+            "MUST_WORKER__DEVICE": "cpu",
+            "MUST_WORKER__NUM_THREADS": "1",
+            "MUST_WORKER__NUM_WORKERS": "0",
+            "MUST_WORKER__CHECKPOINT_EVERY_STEPS": "5",
+            "MUST_WORKER__PROGRESS_EVERY_STEPS": "1",
+            "MUST_WORKER__PROGRESS_WRITE_INTERVAL_S": "0.3",
+            "MUST_WORKER__HEARTBEAT_INTERVAL_S": "1",
+            "MUST_WORKER__STALE_AFTER_S": "8",
+            "MUST_WORKER__SWEEP_INTERVAL_S": "2",
+            "MUST_WORKER__WORK_DIR": str(tmp_root / "work"),
+            "MUST_LOG_LEVEL": "INFO",
+        }
+    )
     return env
 
 
@@ -186,8 +211,13 @@ def api(service_env: dict[str, str], log_dir: Path) -> Iterator[str]:
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "must_core.cli.service", *args], env=env, cwd=REPO,
-        capture_output=True, text=True, timeout=120, check=True,
+        [sys.executable, "-m", "must_core.cli.service", *args],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
 
 
@@ -199,21 +229,25 @@ def cli(service_env: dict[str, str]) -> Any:
 @pytest.fixture(scope="session")
 def keys(cli: Any) -> dict[str, str]:
     """API keys of two tenants, created with ``must keys create``."""
-    return {t: cli("keys", "create", "--tenant", t, "--name", "tests").stdout.strip()
-            for t in ("tenant-a", "tenant-b")}
+    return {
+        t: cli("keys", "create", "--tenant", t, "--name", "tests").stdout.strip()
+        for t in ("tenant-a", "tenant-b")
+    }
 
 
 @pytest.fixture(scope="session")
 def client_a(api: str, keys: dict[str, str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {keys['tenant-a']}"},
-                      timeout=30) as c:
+    with httpx.Client(
+        base_url=api, headers={"Authorization": f"Bearer {keys['tenant-a']}"}, timeout=30
+    ) as c:
         yield c
 
 
 @pytest.fixture(scope="session")
 def client_b(api: str, keys: dict[str, str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {keys['tenant-b']}"},
-                      timeout=30) as c:
+    with httpx.Client(
+        base_url=api, headers={"Authorization": f"Bearer {keys['tenant-b']}"}, timeout=30
+    ) as c:
         yield c
 
 
@@ -235,7 +269,7 @@ def tiny_config_uri(upload: Any) -> str:
     from tests.integration.helpers import TINY_CONFIG
 
     upload("assets", {"tiny_clip.json": TINY_CONFIG.read_bytes()})
-    return f"s3://test-must-datasets/assets/tiny_clip.json"
+    return "s3://test-must-datasets/assets/tiny_clip.json"
 
 
 def job_body(dataset_uri: str, config_uri: str, **params: Any) -> dict[str, Any]:

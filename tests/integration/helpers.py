@@ -28,8 +28,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2,
-             what: str = "condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -76,7 +77,11 @@ class Proc:
         self.log_path = log_dir / f"{name}-{int(time.time() * 1000)}.log"
         self._log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            args, env=env, cwd=REPO, stdout=self._log, stderr=subprocess.STDOUT,
+            args,
+            env=env,
+            cwd=REPO,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -105,21 +110,54 @@ class Proc:
 
 def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Proc:
     queue = env.get("MUST_WORKER__QUEUE", "gpu")
-    proc = Proc(name, [
-        sys.executable, "-m", "celery", "-A", "worker.app", "worker", "-Q", queue,
-        "--pool=prefork", "--concurrency=1", "--max-tasks-per-child=1", "--without-gossip",
-        "--without-mingle", "-n", f"{name}-{os.getpid()}-{time.time_ns()}@%h", "-l", "INFO",
-    ], env, log_dir)
+    proc = Proc(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "-Q",
+            queue,
+            "--pool=prefork",
+            "--concurrency=1",
+            "--max-tasks-per-child=1",
+            "--without-gossip",
+            "--without-mingle",
+            "-n",
+            f"{name}-{os.getpid()}-{time.time_ns()}@%h",
+            "-l",
+            "INFO",
+        ],
+        env,
+        log_dir,
+    )
     wait_for(lambda: "ready." in proc.log() or not proc.alive(), 90, what="celery worker ready")
     assert proc.alive(), proc.log()[-3000:]
     return proc
 
 
 def start_api(env: dict[str, str], log_dir: Path, port: int) -> tuple[Proc, str]:
-    proc = Proc("api", [
-        sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory",
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ], env, log_dir)
+    proc = Proc(
+        "api",
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        env,
+        log_dir,
+    )
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -134,7 +172,9 @@ def start_api(env: dict[str, str], log_dir: Path, port: int) -> tuple[Proc, str]
     return proc, base
 
 
-def wait_job(client: httpx.Client, job_id: str, statuses: set[str], timeout: float) -> dict[str, Any]:
+def wait_job(
+    client: httpx.Client, job_id: str, statuses: set[str], timeout: float
+) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         body: dict[str, Any] = client.get(f"/v1/jobs/{job_id}").json()
         return body if body.get("status") in statuses else None

@@ -28,7 +28,10 @@ def test_missing_bad_and_revoked_keys_are_401(api: str, cli: Any) -> None:
     assert r.status_code == 401
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["code"] == "unauthorized"
-    assert httpx.get(f"{api}/v1/jobs", headers={"Authorization": "Bearer must_nope"}).status_code == 401
+    assert (
+        httpx.get(f"{api}/v1/jobs", headers={"Authorization": "Bearer must_nope"}).status_code
+        == 401
+    )
     key = cli("keys", "create", "--tenant", "tenant-revoke").stdout.strip()
     headers = {"Authorization": f"Bearer {key}"}
     assert httpx.get(f"{api}/v1/jobs", headers=headers).status_code == 200
@@ -67,8 +70,13 @@ def escape_link(datasets_root: Path, tmp_root: Path) -> str:
     ],
 )
 def test_bad_uris_and_policy_violations_are_4xx(
-    client_a: httpx.Client, datasets_root: Path, escape_link: str, tiny_config_uri: str,
-    uri: str, status: int, code: str,
+    client_a: httpx.Client,
+    datasets_root: Path,
+    escape_link: str,
+    tiny_config_uri: str,
+    uri: str,
+    status: int,
+    code: str,
 ) -> None:
     uri = uri.replace("ROOT", f"file://{datasets_root}").replace("ESCAPE", escape_link)
     r = client_a.post("/v1/jobs", json=job_body(uri, tiny_config_uri))
@@ -104,8 +112,9 @@ def test_invalid_requests(
 def test_tenant_isolation_and_queued_cancel(
     client_a: httpx.Client, client_b: httpx.Client, tiny_config_uri: str
 ) -> None:
-    r = client_a.post("/v1/jobs", json=job_body("s3://test-must-datasets/isolation/",
-                                                tiny_config_uri))
+    r = client_a.post(
+        "/v1/jobs", json=job_body("s3://test-must-datasets/isolation/", tiny_config_uri)
+    )
     assert r.status_code == 202, r.text
     job = r.json()
     assert job["status"] == "queued" and job["attempt"] == 0

@@ -31,15 +31,36 @@ def test_must_serve_embedded_flow(tmp_path: Path) -> None:
     write_images(user_images, files)
     (tmp_path / "tiny_clip.json").write_bytes(TINY_CONFIG.read_bytes())
     env = {k: v for k, v in os.environ.items() if not k.startswith("MUST_")}
-    env.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MUST_WORKER__NUM_THREADS": "1",
-                "MUST_WORKER__DEVICE": "cpu", "MUST_WORKER__CHECKPOINT_EVERY_STEPS": "4"})
+    env.update(
+        {
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            "MUST_WORKER__NUM_THREADS": "1",
+            "MUST_WORKER__DEVICE": "cpu",
+            "MUST_WORKER__CHECKPOINT_EVERY_STEPS": "4",
+        }
+    )
     port = free_port()
-    serve = Proc("serve", [
-        sys.executable, "-m", "must_core.cli.service", "serve", "--data-dir", str(data),
-        "--port", str(port), "--allow-root", str(tmp_path),
-    ], env, tmp_path)
+    serve = Proc(
+        "serve",
+        [
+            sys.executable,
+            "-m",
+            "must_core.cli.service",
+            "serve",
+            "--data-dir",
+            str(data),
+            "--port",
+            str(port),
+            "--allow-root",
+            str(tmp_path),
+        ],
+        env,
+        tmp_path,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
+
         def ready() -> bool:
             assert serve.alive(), serve.log()[-3000:]
             try:
@@ -50,13 +71,18 @@ def test_must_serve_embedded_flow(tmp_path: Path) -> None:
         wait_for(ready, 120, 0.5, what="must serve ready")
         wait_for(lambda: "ready." in serve.log(), 60, what="embedded worker ready")
         with httpx.Client(base_url=base, timeout=30) as c:
-            r = c.post("/v1/jobs", json={
-                "dataset_uri": f"file://{user_images}",
-                "class_names": ["red", "green"],
-                "base_model": {"arch": "must-tiny",
-                               "config_uri": f"file://{tmp_path / 'tiny_clip.json'}"},
-                "params": {"epochs": 1, "batch_size": 4, "min_steps": 10},
-            })
+            r = c.post(
+                "/v1/jobs",
+                json={
+                    "dataset_uri": f"file://{user_images}",
+                    "class_names": ["red", "green"],
+                    "base_model": {
+                        "arch": "must-tiny",
+                        "config_uri": f"file://{tmp_path / 'tiny_clip.json'}",
+                    },
+                    "params": {"epochs": 1, "batch_size": 4, "min_steps": 10},
+                },
+            )
             assert r.status_code == 202, r.text
             jid = r.json()["id"]
 
@@ -70,8 +96,7 @@ def test_must_serve_embedded_flow(tmp_path: Path) -> None:
             models = c.get("/v1/models").json()["items"]
             assert [m["id"] for m in models] == [job["model_id"]]
             # outside the allowed roots → refused at submission
-            bad = c.post("/v1/jobs", json={"dataset_uri": "file:///etc",
-                                           "class_names": ["a", "b"]})
+            bad = c.post("/v1/jobs", json={"dataset_uri": "file:///etc", "class_names": ["a", "b"]})
             assert bad.status_code == 403
         assert (data / "must.db").is_file()
         artifacts = data / "artifacts" / "jobs" / jid

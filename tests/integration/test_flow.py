@@ -27,8 +27,13 @@ def worker(service_env: dict[str, str], log_dir: Path) -> Iterator[Proc]:
 
 
 def test_full_flow_s3(
-    worker: Proc, client_a: httpx.Client, client_b: httpx.Client, upload: Any,
-    tiny_config_uri: str, s3: dict[str, Any], stamp: str,
+    worker: Proc,
+    client_a: httpx.Client,
+    client_b: httpx.Client,
+    upload: Any,
+    tiny_config_uri: str,
+    s3: dict[str, Any],
+    stamp: str,
 ) -> None:
     files = make_images(6, CLASSES, seed=1)
     files["junk/corrupt.png"] = b"not an image at all"
@@ -62,7 +67,9 @@ def test_full_flow_s3(
     assert job["progress"]["step"] == 24 and job["progress"]["fraction"] == 1.0
     assert job["dataset"]["num_images"] == 18 and job["dataset"]["num_skipped"] == 2
     assert {e["path"].split("/")[-1] for e in job["dataset"]["skipped_examples"]} == {
-        "corrupt.png", "truncated.jpg"}
+        "corrupt.png",
+        "truncated.jpg",
+    }
     evals = job["metrics"]["eval"]
     assert {"zero_shot", "adapted", "adapted_ema"} <= evals.keys()
     assert 0 <= evals["adapted"]["top1"] <= 100  # percent
@@ -79,9 +86,14 @@ def test_full_flow_s3(
     assert model_id not in [m["id"] for m in client_b.get("/v1/models").json()["items"]]
 
     bucket, client = s3["bucket"], s3["client"]
-    keys = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"jobs/{jid}/")["Contents"]}
-    assert {f"jobs/{jid}/checkpoints/last.pt", f"jobs/{jid}/model/model.safetensors",
-            f"jobs/{jid}/metrics.json"} <= keys
+    keys = {
+        o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=f"jobs/{jid}/")["Contents"]
+    }
+    assert {
+        f"jobs/{jid}/checkpoints/last.pt",
+        f"jobs/{jid}/model/model.safetensors",
+        f"jobs/{jid}/metrics.json",
+    } <= keys
 
     # The stored model loads and predicts without the text tower.
     from PIL import Image
@@ -123,8 +135,11 @@ def test_cancel_while_running(
     dataset = upload(f"cancel-{stamp}", make_images(4, CLASSES, seed=3))
     r = client_a.post("/v1/jobs", json=job_body(dataset, tiny_config_uri, min_steps=100_000))
     jid = r.json()["id"]
-    wait_for(lambda: client_a.get(f"/v1/jobs/{jid}").json()["progress"]["step"] >= 3, 120,
-             what="training steps")
+    wait_for(
+        lambda: client_a.get(f"/v1/jobs/{jid}").json()["progress"]["step"] >= 3,
+        120,
+        what="training steps",
+    )
     c = client_a.post(f"/v1/jobs/{jid}/cancel")
     assert c.status_code == 200 and c.json()["cancel_requested"] is True
     job = wait_job(client_a, jid, {"cancelled", "succeeded", "failed"}, 60)

@@ -16,8 +16,13 @@ pytestmark = pytest.mark.integration
 
 
 def test_killed_worker_job_resumes_from_checkpoint(
-    service_env: dict[str, str], log_dir: Path, client_a: httpx.Client, upload: Any,
-    tiny_config_uri: str, s3: dict[str, Any], stamp: str,
+    service_env: dict[str, str],
+    log_dir: Path,
+    client_a: httpx.Client,
+    upload: Any,
+    tiny_config_uri: str,
+    s3: dict[str, Any],
+    stamp: str,
 ) -> None:
     dataset = upload(f"resume-{stamp}", make_images(4, ["red", "green", "blue"], seed=4))
     total = 150
@@ -37,8 +42,12 @@ def test_killed_worker_job_resumes_from_checkpoint(
     before = client_a.get(f"/v1/jobs/{jid}").json()
     assert before["status"] == "running" and before["progress"]["step"] < total, before
     ckpt_step = before["checkpoint_step"]
-    keys = [o["Key"] for o in s3["client"].list_objects_v2(
-        Bucket=s3["bucket"], Prefix=f"jobs/{jid}/checkpoints/").get("Contents", [])]
+    keys = [
+        o["Key"]
+        for o in s3["client"]
+        .list_objects_v2(Bucket=s3["bucket"], Prefix=f"jobs/{jid}/checkpoints/")
+        .get("Contents", [])
+    ]
     assert keys == [f"jobs/{jid}/checkpoints/last.pt"]
 
     second = start_worker(service_env, log_dir, name="worker-2")

@@ -31,8 +31,18 @@ def _no_s3() -> object:
 
 @pytest.mark.parametrize(
     "uri",
-    ["", "gopher://x/y", "s3://UPPER/x", "s3://ok-bucket/a/../b", "file://host/x", "file://rel",
-     "http://h/data.txt", "https://u:p@h/data.zip", "http:///data.zip", "s3://b\x00/x"],
+    [
+        "",
+        "gopher://x/y",
+        "s3://UPPER/x",
+        "s3://ok-bucket/a/../b",
+        "file://host/x",
+        "file://rel",
+        "http://h/data.txt",
+        "https://u:p@h/data.zip",
+        "http:///data.zip",
+        "s3://b\x00/x",
+    ],
 )
 def test_invalid_uris(uri: str) -> None:
     with pytest.raises(InvalidUriError):
@@ -56,8 +66,12 @@ def test_file_policy(tmp_path: Path) -> None:
     os.symlink(outside, root / "link-out")
     policy = DatasetSettings(allowed_roots=[root])
     assert validate_uri(f"file://{root}/ds", policy).path == (root / "ds").resolve()
-    for bad in (f"file://{outside}", f"file://{root}/ds/../../outside", f"file://{root}/link-out",
-                f"file://{root}/missing"):
+    for bad in (
+        f"file://{outside}",
+        f"file://{root}/ds/../../outside",
+        f"file://{root}/link-out",
+        f"file://{root}/missing",
+    ):
         with pytest.raises(UriPolicyError):
             validate_uri(bad, policy)
     with pytest.raises(UriPolicyError):  # no roots configured: file:// disabled
@@ -86,9 +100,19 @@ def test_bucket_allow_list() -> None:
 
 @pytest.mark.parametrize(
     ("addr", "public"),
-    [("8.8.8.8", True), ("127.0.0.1", False), ("10.1.2.3", False), ("192.168.1.1", False),
-     ("169.254.169.254", False), ("::1", False), ("fe80::1", False), ("::ffff:127.0.0.1", False),
-     ("0.0.0.0", False), ("100.64.0.1", False), ("2001:4860:4860::8888", True)],
+    [
+        ("8.8.8.8", True),
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.1.1", False),
+        ("169.254.169.254", False),
+        ("::1", False),
+        ("fe80::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("0.0.0.0", False),  # noqa: S104
+        ("100.64.0.1", False),
+        ("2001:4860:4860::8888", True),
+    ],
 )
 def test_public_address(addr: str, public: bool) -> None:
     assert is_public_address(addr) is public
@@ -117,13 +141,17 @@ def test_zip_extracts_layout(tmp_path: Path) -> None:
     archive = tmp_path / "a.zip"
     archive.write_bytes(_zip({"cats/1.png": b"1", "dogs/2.png": b"22", "./top.jpg": b"3"}))
     extract_archive(archive, tmp_path / "out", DatasetSettings())
-    got = sorted(p.relative_to(tmp_path / "out").as_posix()
-                 for p in (tmp_path / "out").rglob("*") if p.is_file())
+    got = sorted(
+        p.relative_to(tmp_path / "out").as_posix()
+        for p in (tmp_path / "out").rglob("*")
+        if p.is_file()
+    )
     assert got == ["cats/1.png", "dogs/2.png", "top.jpg"]
 
 
-@pytest.mark.parametrize("name", ["../evil.png", "/abs/evil.png", "a/../../evil.png",
-                                  "C:/evil.png", "..\\evil.png"])
+@pytest.mark.parametrize(
+    "name", ["../evil.png", "/abs/evil.png", "a/../../evil.png", "C:/evil.png", "..\\evil.png"]
+)
 def test_zip_slip_refused(tmp_path: Path, name: str) -> None:
     archive = tmp_path / "a.zip"
     archive.write_bytes(_zip({"ok.png": b"x", name: b"pwned"}))
@@ -138,8 +166,11 @@ def test_zip_bomb_refused(tmp_path: Path) -> None:
     with pytest.raises(ArchiveBombError):
         extract_archive(archive, tmp_path / "out", DatasetSettings())
     with pytest.raises(ArchiveBombError):  # size cap
-        extract_archive(archive, tmp_path / "out2",
-                        DatasetSettings(max_extracted_bytes=1024, max_compression_ratio=1e9))
+        extract_archive(
+            archive,
+            tmp_path / "out2",
+            DatasetSettings(max_extracted_bytes=1024, max_compression_ratio=1e9),
+        )
     many = tmp_path / "many.zip"
     many.write_bytes(_zip({f"{i}.png": b"x" for i in range(20)}))
     with pytest.raises(ArchiveBombError):
@@ -201,8 +232,12 @@ def test_http_archive_fetch(tmp_path: Path, http_server: tuple[str, Path]) -> No
     out = fetch_dataset(f"{base}/data.zip", tmp_path / "d1", allow, _no_s3)
     assert (out / "red" / "1.png").read_bytes() == b"a"
     with pytest.raises(DatasetTooLargeError):
-        fetch_dataset(f"{base}/data.zip", tmp_path / "d2",
-                      DatasetSettings(allow_private_hosts=True, max_download_bytes=10), _no_s3)
+        fetch_dataset(
+            f"{base}/data.zip",
+            tmp_path / "d2",
+            DatasetSettings(allow_private_hosts=True, max_download_bytes=10),
+            _no_s3,
+        )
     (root / "cfg.json").write_text("{}")
     assert fetch_file(f"{base}/cfg.json", tmp_path / "c.json", allow, _no_s3).read_text() == "{}"
 

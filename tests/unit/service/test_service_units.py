@@ -30,7 +30,7 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 def test_anonymous_access_only_on_loopback(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MUST_API__AUTH", "none")
     assert Settings().api.auth == "none"
-    monkeypatch.setenv("MUST_API__HOST", "0.0.0.0")
+    monkeypatch.setenv("MUST_API__HOST", "0.0.0.0")  # noqa: S104
     with pytest.raises(ValueError, match="loopback"):
         Settings()
 
@@ -56,10 +56,16 @@ def test_local_store_roundtrip(tmp_path: Path) -> None:
     src.write_bytes(b"abc")
     store.put_file(src, "jobs/1/checkpoints/last.pt")
     store.put_file(src, "jobs/1/model/model.safetensors")
-    assert store.exists("jobs/1/checkpoints/last.pt") and store.size("jobs/1/model/model.safetensors") == 3
+    assert (
+        store.exists("jobs/1/checkpoints/last.pt")
+        and store.size("jobs/1/model/model.safetensors") == 3
+    )
     store.get_file("jobs/1/checkpoints/last.pt", tmp_path / "back.bin")
     assert (tmp_path / "back.bin").read_bytes() == b"abc"
-    assert store.list_keys("jobs/1/") == ["jobs/1/checkpoints/last.pt", "jobs/1/model/model.safetensors"]
+    assert store.list_keys("jobs/1/") == [
+        "jobs/1/checkpoints/last.pt",
+        "jobs/1/model/model.safetensors",
+    ]
     assert store.delete_prefix("jobs/1/model/") == 1
     assert not store.exists("jobs/1/model/model.safetensors")
     with pytest.raises(StorageError):
