@@ -179,6 +179,8 @@ class JobRunner:
             self._write(state, progress=_progress(event), metrics=_merge_train(spec, event))
 
         def on_checkpoint(path: Path, step: int) -> None:
+            if state.lost.is_set():  # another attempt owns the job: never overwrite its checkpoint
+                return
             self.store.put_file(path, checkpoint_key(state.job_id))
             self._write(state, checkpoint_step=step)
 

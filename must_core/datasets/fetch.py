@@ -141,6 +141,12 @@ def _fetch_s3_prefix(parsed: ParsedUri, dest: Path, policy: DatasetSettings, cli
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(parsed.bucket, key, str(target))
     except (BotoCoreError, ClientError) as exc:
+        from must_core.storage.base import TransientStorageError
+        from must_core.storage.s3 import translate
+
+        err = translate(exc, f"dataset {parsed.raw}")
+        if isinstance(err, TransientStorageError):
+            raise err from exc  # the object store is down: retried, not a dataset problem
         raise DatasetFetchError(f"cannot read {parsed.raw}: {exc}") from exc
     return dest
 
