@@ -222,6 +222,11 @@ class JobRunner:
             if state.lost.is_set() and not state.cancel.is_set():
                 _logger.warning("lost the claim on this job; another attempt owns it now")
                 return "lost"
+            if not state.cancel.is_set():
+                raise MustError(
+                    f"training stopped early at step {result.step}/{result.total_steps}",
+                    code="training_incomplete",
+                )
             with session_scope(self.sessions) as s:
                 queries.finish_job(
                     s,
