@@ -73,8 +73,11 @@ class JobRunner:
     def run_job(self, job_id: str) -> str:
         """Claim and run the job. Returns the outcome (``skipped`` when not claimable)."""
         jid = uuid.UUID(job_id)
-        with session_scope(self.sessions) as s:
-            attempt = queries.claim_job(s, jid, self.worker_name)
+        try:
+            with session_scope(self.sessions) as s:
+                attempt = queries.claim_job(s, jid, self.worker_name)
+        except TRANSIENT_ERRORS as exc:  # DB down before the claim: nothing to release, just retry
+            raise TransientJobError(str(exc)) from exc
         if attempt is None:
             _logger.info("job %s is not claimable (already claimed, finished or cancelled)", jid)
             return "skipped"
