@@ -40,7 +40,7 @@ def test_full_flow_s3(
     files["junk/truncated.jpg"] = b"\xff\xd8\xff\xe0" + b"\x00" * 50
     dataset = upload(f"flow-{stamp}/train", files)
     eval_set = upload(f"flow-{stamp}/eval", make_images(2, CLASSES, seed=2))
-    body = job_body(dataset, tiny_config_uri, min_steps=24)
+    body = job_body(dataset, tiny_config_uri, min_steps=48)
     body["eval_dataset_uri"] = eval_set
     r = client_a.post("/v1/jobs", json=body)
     assert r.status_code == 202, r.text
@@ -58,13 +58,13 @@ def test_full_flow_s3(
         return False
 
     wait_for(running_with_progress, 120, 0.1, what="running with progress")
-    assert seen["progress"]["total_steps"] == 24 and 0 < seen["progress"]["fraction"] <= 1
+    assert seen["progress"]["total_steps"] == 48 and 0 < seen["progress"]["fraction"] <= 1
     assert seen["metrics"]["train"]["loss"] > 0 and "conf_ratio" in seen["metrics"]["train"]
     assert seen["heartbeat_at"] and seen["started_at"] and seen["attempt"] == 1
 
     job = wait_job(client_a, jid, {"succeeded", "failed"}, 180)
     assert job["status"] == "succeeded", (job, worker.log()[-3000:])
-    assert job["progress"]["step"] == 24 and job["progress"]["fraction"] == 1.0
+    assert job["progress"]["step"] == 48 and job["progress"]["fraction"] == 1.0
     assert job["dataset"]["num_images"] == 18 and job["dataset"]["num_skipped"] == 2
     assert {e["path"].split("/")[-1] for e in job["dataset"]["skipped_examples"]} == {
         "corrupt.png",

@@ -25,7 +25,7 @@ def test_killed_worker_job_resumes_from_checkpoint(
     stamp: str,
 ) -> None:
     dataset = upload(f"resume-{stamp}", make_images(4, ["red", "green", "blue"], seed=4))
-    total = 150
+    total = 300
     first = start_worker(service_env, log_dir, name="worker-1")
     try:
         r = client_a.post("/v1/jobs", json=job_body(dataset, tiny_config_uri, min_steps=total))
