@@ -231,17 +231,17 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return _run(args, go)
 
 
+def _show(c: Client, method: str, path: str, as_json: bool) -> int:
+    _show_job(c.request(method, path), as_json)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    return _run(
-        args, lambda c: _show_job(c.request("GET", f"/v1/jobs/{args.job_id}"), args.json) or 0
-    )
+    return _run(args, lambda c: _show(c, "GET", f"/v1/jobs/{args.job_id}", args.json))
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    return _run(
-        args,
-        lambda c: _show_job(c.request("POST", f"/v1/jobs/{args.job_id}/cancel"), args.json) or 0,
-    )
+    return _run(args, lambda c: _show(c, "POST", f"/v1/jobs/{args.job_id}/cancel", args.json))
 
 
 def _wait(c: Client, job_id: str, timeout: float | None, interval: float, as_json: bool) -> int:
