@@ -8,13 +8,14 @@ from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from must_core.cli import engine, service
+    from must_core.cli import client, engine, service
 
     parser = argparse.ArgumentParser(
         prog="must", description="Label-free CLIP adaptation (Masked Unsupervised Self-Training)."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     engine.register(sub)
+    client.register(sub)
     service.register(sub)
     return parser
 
