@@ -29,6 +29,14 @@ STATUS: dict[str, tuple[int, str]] = {
     "queue_unavailable": (503, "Job queue unavailable"),
     "not_ready": (503, "Not ready"),
     "internal_error": (500, "Internal server error"),
+    "request_too_large": (413, "Request too large"),
+    "too_many_images": (413, "Too many images"),
+    "image_too_large": (413, "Image too large"),
+    "image_pixels_exceeded": (413, "Image has too many pixels"),
+    "not_an_image": (415, "Not a decodable image"),
+    "unsupported_media_type": (415, "Unsupported media type"),
+    "model_not_ready": (409, "Model not ready"),
+    "zero_shot_disabled": (403, "Zero-shot classification disabled"),
 }
 
 

@@ -11,8 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI, Request, Response
 
 from api import errors
+from api.metrics import ApiMetrics
+from api.metrics import install as install_metrics
 from api.queue import JobQueue
-from api.routes import health, jobs, models
+from api.routes import classify, health, jobs, models
+from api.serving import Serving
 from must_core.db.session import make_engine, make_sessionmaker
 from must_core.logging import bind, configure
 from must_core.settings import LOOPBACK_HOSTS, Settings, get_settings
@@ -43,9 +46,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = make_sessionmaker(engine)
         app.state.store = make_store(settings)
         app.state.queue = JobQueue(settings)
+        app.state.serving = Serving(settings, app.state.store, on_batch=metrics.observe_batch)
         try:
             yield
         finally:
+            app.state.serving.close()
             app.state.queue.close()
             engine.dispose()
 
@@ -57,6 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    metrics = ApiMetrics()
+    app.state.metrics = metrics
+    install_metrics(app, metrics)
 
     @app.middleware("http")
     async def request_id(
@@ -72,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1 = APIRouter(prefix="/v1")
     v1.include_router(jobs.router)
     v1.include_router(models.router)
+    v1.include_router(classify.router)
     app.include_router(v1)
     app.include_router(health.router)
     return app

@@ -30,6 +30,16 @@ class JobQueue:
             retry_policy={"max_retries": 2, "interval_start": 0.2},
         )
 
+    def depth(self) -> int:
+        """Messages waiting in the training queue (passive declare: works on Redis and the
+        embedded transports)."""
+        with self.app.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1, timeout=3)
+            _, count, _ = conn.default_channel.queue_declare(
+                queue=self.settings.worker.queue, passive=True
+            )
+            return int(count)
+
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)

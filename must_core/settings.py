@@ -101,6 +101,20 @@ class ApiSettings(BaseModel):
     max_templates: int = Field(200, ge=1)
 
 
+class ClassifySettings(BaseModel):
+    max_images_per_request: int = Field(64, ge=1, le=4096)  # images in one /classify call
+    max_image_bytes: int = Field(10 * 2**20, ge=1)  # per encoded image (413 above)
+    max_request_bytes: int = Field(64 * 2**20, ge=1)  # whole request body (413 above)
+    max_image_pixels: int = Field(40_000_000, ge=1)  # width*height; decompression-bomb guard (413)
+    cache_memory_mb: int = Field(2048, ge=1)  # loaded classifiers kept in an LRU up to this size
+    batching: bool = True  # merge concurrent requests for one model into one forward pass
+    max_batch: int = Field(32, ge=1, le=4096)  # images per merged forward pass
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000)  # how long a batch waits for more requests
+    device: str = "cpu"  # inference device for the API process ("cpu", "cuda", "cuda:N")
+    # Zero-shot /v1/classify may build base models from registry tags (downloads) and URIs.
+    allow_zero_shot: bool = True
+
+
 class Settings(BaseSettings):
     """All service settings. Build through :func:`get_settings`."""
 
@@ -120,6 +134,7 @@ class Settings(BaseSettings):
     datasets: DatasetSettings = Field(default_factory=DatasetSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    classify: ClassifySettings = Field(default_factory=ClassifySettings)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -151,6 +166,11 @@ class Settings(BaseSettings):
     @property
     def storage_root(self) -> Path:
         return (self.storage.root or self.data_dir / "artifacts").resolve()
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Local copies of adapted models and zero-shot base files for serving."""
+        return (self.data_dir / "model-cache").resolve()
 
     @property
     def work_dir(self) -> Path:

@@ -6,7 +6,7 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Query, Response, status
+from fastapi import APIRouter, Query, Request, Response, status
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from must_core.jobs import queries
@@ -41,13 +41,15 @@ def get_model(model_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> Mo
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_404)
 def delete_model(
-    model_id: uuid.UUID, session: SessionDep, tenant: TenantDep, store: StoreDep
+    model_id: uuid.UUID, request: Request, session: SessionDep, tenant: TenantDep, store: StoreDep
 ) -> Response:
-    """Delete the model row and its weight files (the job and its checkpoint stay)."""
+    """Delete the model row and its weight files (the job and its checkpoint stay); the model is
+    evicted from this API process's classifier cache."""
     model = queries.get_model(session, tenant, model_id)
     job_id = model.job_id
     queries.delete_model(session, model)
     session.commit()
+    request.app.state.serving.evict(model_id)
     try:
         store.delete_prefix(model_prefix(job_id))
     except Exception:
