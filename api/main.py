@@ -14,6 +14,7 @@ from api import errors
 from api.queue import JobQueue
 from api.routes import health, jobs, models
 from must_core.db.session import make_engine, make_sessionmaker
+from must_core.jobs.broker import ensure_broker_dirs
 from must_core.logging import bind, configure
 from must_core.settings import LOOPBACK_HOSTS, Settings, get_settings
 from must_core.storage import make_store
@@ -42,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(engine)
         app.state.store = make_store(settings)
+        ensure_broker_dirs(settings)
         app.state.queue = JobQueue(settings)
         try:
             yield
