@@ -17,6 +17,7 @@ from api.queue import JobQueue
 from api.routes import classify, health, jobs, models
 from api.serving import Serving
 from must_core.db.session import make_engine, make_sessionmaker
+from must_core.jobs.broker import ensure_broker_dirs
 from must_core.logging import bind, configure
 from must_core.settings import LOOPBACK_HOSTS, Settings, get_settings
 from must_core.storage import make_store
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = make_sessionmaker(engine)
         app.state.store = make_store(settings)
+        ensure_broker_dirs(settings)
         app.state.queue = JobQueue(settings)
         app.state.serving = Serving(settings, app.state.store, on_batch=metrics.observe_batch)
         try:

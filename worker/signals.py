@@ -30,6 +30,9 @@ def _setup_logging(**_: Any) -> None:
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _preload(**_: Any) -> None:
     """Import torch/open_clip once in the parent so each forked child starts fast (no CUDA here)."""
+    from must_core.jobs.broker import ensure_broker_dirs
+
+    ensure_broker_dirs(get_settings())
     os.environ.setdefault("OMP_NUM_THREADS", str(get_settings().worker_threads))
     import must_core.ml.train  # noqa: F401
 

@@ -193,6 +193,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     _logger.info("database %s", settings.database_url)
     upgrade_database(settings.database_url)
+    from must_core.jobs.broker import ensure_broker_dirs
+
+    ensure_broker_dirs(settings)
     if settings.api.auth == "none":
         _logger.warning(
             "embedded mode WITHOUT API keys: bound to %s only; use --require-keys or bind "

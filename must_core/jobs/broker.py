@@ -12,17 +12,24 @@ from must_core.jobs import names
 from must_core.settings import Settings
 
 
+def ensure_broker_dirs(settings: Settings) -> None:
+    """Create the filesystem transport's folders (called at process start, never at import)."""
+    if settings.broker_url.startswith("filesystem"):
+        for sub in ("queue", "processed", "control"):
+            (settings.broker_folder / sub).mkdir(parents=True, exist_ok=True)
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     url = settings.broker_url
     transport: dict[str, Any] = {}
     if url.startswith("filesystem"):
         folder = settings.broker_folder
-        for sub in ("queue", "processed"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
         transport = {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            # exchange tables; kombu's default is ./control in the current directory
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": settings.broker.polling_interval_s,
         }
