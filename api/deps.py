@@ -71,3 +71,21 @@ def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> 
 
 
 TenantDep = Annotated[uuid.UUID, Depends(get_tenant)]
+
+
+def get_tenant_short(request: Request, settings: SettingsDep) -> uuid.UUID:
+    """Like :func:`get_tenant`, but with its own short session: routes that then spend long on
+    inference (``/classify``) must not hold a pooled connection for the whole request."""
+    session: Session = request.app.state.sessions()
+    try:
+        tenant = get_tenant(request, session, settings)
+        session.commit()
+        return tenant
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+ShortTenantDep = Annotated[uuid.UUID, Depends(get_tenant_short)]

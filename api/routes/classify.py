@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.deps import SettingsDep, TenantDep
+from api.deps import SettingsDep, ShortTenantDep
 from api.errors import ApiError
 from must_core.jobs import queries
 from must_core.jobs.schemas import BaseModelRequest
@@ -171,7 +171,7 @@ def _decode_all(raw: list[bytes], settings: Settings) -> list[Any]:
 
 @router.post("/models/{model_id}/classify", response_model=ClassifyResponse, responses=_PROBLEMS)
 async def classify_adapted(
-    model_id: uuid.UUID, request: Request, tenant: TenantDep, settings: SettingsDep
+    model_id: uuid.UUID, request: Request, tenant: ShortTenantDep, settings: SettingsDep
 ) -> ClassifyResponse:
     """Classify images with an adapted model: top-k labels and scores per image, in order.
 
@@ -204,7 +204,7 @@ async def classify_adapted(
 
 @router.post("/classify", response_model=ClassifyResponse, responses=_PROBLEMS)
 async def classify_zero_shot(
-    request: Request, tenant: TenantDep, settings: SettingsDep
+    request: Request, tenant: ShortTenantDep, settings: SettingsDep
 ) -> ClassifyResponse:
     """Zero-shot CLIP without adaptation: ``{base_model, class_names, templates?, images}``.
 

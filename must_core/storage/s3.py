@@ -41,6 +41,11 @@ def make_s3_client(
         connect_timeout=connect_timeout_s,
         read_timeout=read_timeout_s,
         retries={"max_attempts": max_attempts, "mode": "standard"},
+        # Validate/compute flexible checksums only where S3 requires them. Some S3-compatible
+        # servers (rclone, older MinIO) return the whole-object checksum on *ranged* GETs, which
+        # botocore's default validation rejects on every multipart download (files > 8 MiB).
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
     )
     return boto3.session.Session().client(
         "s3",
