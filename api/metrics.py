@@ -132,6 +132,16 @@ class _StateCollector(Collector):
         yield prog
 
 
+def _route_template(request: Request) -> str:
+    """The matched route as a template (``/v1/jobs/{job_id}``): bounded label cardinality."""
+    if request.scope.get("route") is None:
+        return "unmatched"
+    path = request.url.path
+    for name, value in (request.scope.get("path_params") or {}).items():
+        path = path.replace(f"/{value}", f"/{{{name}}}", 1)
+    return path
+
+
 def install(app: FastAPI, metrics: ApiMetrics) -> None:
     metrics.registry.register(_StateCollector(app))
 
@@ -146,8 +156,7 @@ def install(app: FastAPI, metrics: ApiMetrics) -> None:
             status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", None) or "unmatched"
+            path = _route_template(request)
             if path != "/metrics":
                 metrics.requests.labels(request.method, path, str(status)).inc()
                 metrics.latency.labels(request.method, path).observe(time.perf_counter() - t0)

@@ -33,11 +33,18 @@ class JobQueue:
     def depth(self) -> int:
         """Messages waiting in the training queue (passive declare: works on Redis and the
         embedded transports)."""
+        from kombu.exceptions import ChannelError
+
         with self.app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=3)
-            _, count, _ = conn.default_channel.queue_declare(
-                queue=self.settings.worker.queue, passive=True
-            )
+            try:
+                _, count, _ = conn.default_channel.queue_declare(
+                    queue=self.settings.worker.queue, passive=True
+                )
+            except ChannelError as exc:  # Redis: an empty queue has no key, hence "no queue"
+                if "NOT_FOUND" in str(exc):
+                    return 0
+                raise
             return int(count)
 
     def ping(self) -> None:

@@ -19,11 +19,12 @@ COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
 COPY alembic.ini ./
+# hadolint ignore=DL3013
 RUN pip install '.[service]' \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin must \
     && mkdir -p /data && chown must:must /data
 
-USER must
+USER 10001:10001
 ENV MUST_DATA_DIR=/data
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \

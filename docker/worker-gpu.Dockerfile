@@ -9,7 +9,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Ubuntu 22.04 ships Python 3.10; the project needs 3.11 (deadsnakes).
+# Ubuntu 22.04 ships Python 3.10; the project needs 3.11 (deadsnakes). The PPA publishes only its
+# latest builds, so apt versions cannot be pinned here; the CUDA base tag is pinned instead.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
     && add-apt-repository -y ppa:deadsnakes/ppa \
@@ -30,11 +32,12 @@ COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
 COPY alembic.ini ./
+# hadolint ignore=DL3013
 RUN pip install '.[service]' \
     && useradd --create-home --uid 10001 --shell /usr/sbin/nologin must \
     && mkdir -p /data && chown must:must /data
 
-USER must
+USER 10001:10001
 ENV MUST_DATA_DIR=/data \
     MUST_WORKER__DEVICE=cuda
 # CUDA is initialised only in the task's child process (prefork), never in the parent.
