@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 from api.errors import ApiError
 from api.queue import JobQueue
 from must_core import auth
+from must_core.db.session import session_scope
 from must_core.jobs.queries import DEFAULT_TENANT, get_or_create_tenant
 from must_core.settings import Settings
 from must_core.storage import ArtifactStore
@@ -24,15 +25,8 @@ def get_settings_dep(request: Request) -> Settings:
 
 def get_session(request: Request) -> Iterator[Session]:
     """One unit of work per request: commit on success, roll back on error."""
-    session: Session = request.app.state.sessions()
-    try:
+    with session_scope(request.app.state.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def get_store(request: Request) -> ArtifactStore:
@@ -76,16 +70,8 @@ TenantDep = Annotated[uuid.UUID, Depends(get_tenant)]
 def get_tenant_short(request: Request, settings: SettingsDep) -> uuid.UUID:
     """Like :func:`get_tenant`, but with its own short session: routes that then spend long on
     inference (``/classify``) must not hold a pooled connection for the whole request."""
-    session: Session = request.app.state.sessions()
-    try:
-        tenant = get_tenant(request, session, settings)
-        session.commit()
-        return tenant
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
+    with session_scope(request.app.state.sessions) as session:
+        return get_tenant(request, session, settings)
 
 
 ShortTenantDep = Annotated[uuid.UUID, Depends(get_tenant_short)]

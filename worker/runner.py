@@ -22,11 +22,12 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from must_core.datasets.fetch import fetch_dataset, fetch_file
+from must_core.datasets.fetch import fetch_dataset
 from must_core.db.models import AdaptedModel
 from must_core.db.session import session_scope
 from must_core.errors import MustError
 from must_core.jobs import queries
+from must_core.jobs.base_models import resolve_base_model
 from must_core.jobs.states import JobStatus
 from must_core.logging import bind
 from must_core.settings import Settings
@@ -115,7 +116,7 @@ class JobRunner:
 
     # ---- the job ---------------------------------------------------------------------------------
     def _run(self, state: _Attempt, work: Path) -> str:
-        from must_core.ml.config import BaseModelSpec, make_config
+        from must_core.ml.config import make_config
         from must_core.ml.train import adapt
 
         with session_scope(self.sessions) as s:
@@ -136,21 +137,7 @@ class JobRunner:
         if spec.get("eval_dataset_uri"):
             eval_dir = fetch_dataset(spec["eval_dataset_uri"], work / "eval", policy, s3_client)
         bm = spec.get("base_model") or {}
-        config_path = ckpt_path = None
-        if bm.get("config_uri"):
-            config_path = fetch_file(
-                bm["config_uri"], work / "base" / "config.json", policy, s3_client
-            )
-        if bm.get("checkpoint_uri"):
-            name = Path(bm["checkpoint_uri"].split("?", 1)[0]).name or "weights.bin"
-            ckpt_path = fetch_file(bm["checkpoint_uri"], work / "base" / name, policy, s3_client)
-        base = BaseModelSpec(
-            arch=bm.get("arch") or "ViT-B-16",
-            pretrained=bm.get("pretrained"),
-            config=str(config_path) if config_path else None,
-            checkpoint=str(ckpt_path) if ckpt_path else None,
-            force_quick_gelu=bm.get("force_quick_gelu"),
-        )
+        base = resolve_base_model(bm, work / "base", self.settings)
         params = dict(spec.get("params") or {})
         preset = params.pop("preset", None)
         w = self.settings.worker
