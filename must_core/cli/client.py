@@ -256,7 +256,14 @@ def _wait(c: Client, job_id: str, timeout: float | None, interval: float, as_jso
             total = prog.get("total_steps")
             if not as_json and total:
                 if bar is None:
-                    bar = tqdm(total=total, unit="step", file=sys.stderr, dynamic_ncols=True)
+                    # ETA comes from the server (its own rate), not tqdm's polling-based estimate.
+                    bar = tqdm(
+                        total=total,
+                        unit="step",
+                        file=sys.stderr,
+                        dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+                    )
                 bar.n = prog.get("step", 0)
                 eta = prog.get("eta_seconds")
                 bar.set_postfix(
