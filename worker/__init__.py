@@ -1,0 +1,1 @@
+"""Celery worker: runs adaptation jobs claimed from the database."""

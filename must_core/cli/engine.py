@@ -166,9 +166,17 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         if bar is None:
             from tqdm import tqdm
 
-            bar = tqdm(total=ev.total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+            # The ETA is the engine's (from its measured images/s), not tqdm's guess.
+            bar = tqdm(
+                total=ev.total_steps,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+            )
         bar.n = ev.step
         bar.set_postfix(
+            eta=f"{ev.eta_seconds:.0f}s",
             loss=f"{ev.losses['loss']:.3f}",
             conf=f"{ev.conf_ratio:.2f}",
             ips=f"{ev.images_per_second:.1f}",

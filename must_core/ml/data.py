@@ -173,7 +173,7 @@ def strong_transform(
     from timm.data import create_transform  # type: ignore[attr-defined]
 
     aa = f"rand-m{magnitude:g}-n{num_ops}-mstd{magnitude_std:g}-inc1" if num_ops > 0 else None
-    return create_transform(  # type: ignore[no-any-return]
+    tf = create_transform(
         input_size=pp.image_size,
         is_training=True,
         scale=scale,
@@ -185,6 +185,13 @@ def strong_transform(
         std=pp.std,
         re_prob=0.0,
     )
+    # timm's PosterizeIncreasing maps magnitude 10 (mstd noise clipped at the max) to 0 bits, which
+    # PIL rejects ("bits must be between 1 and 8") and crashes ~0.3% of samples; cap just below 10.
+    for t in getattr(tf, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "name", "") == "PosterizeIncreasing":
+                op.magnitude_max = 9.99
+    return tf  # type: ignore[no-any-return]
 
 
 class EpochSampler(Sampler[int]):

@@ -8,6 +8,7 @@ queue or web code.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -469,23 +470,27 @@ def adapt(
             save(step)
 
     del loader, batches
-    if stopped or step < total_steps:
-        save(step)
-        _logger.info("stopped at step %d/%d; checkpoint %s", step, total_steps, ckpt_path)
+
+    def result(status: Literal["completed", "stopped"], paths: dict[str, Path]) -> AdaptationResult:
         return AdaptationResult(
-            status="stopped",
+            status=status,
             step=step,
             total_steps=total_steps,
             output_dir=output_dir,
             checkpoint_path=ckpt_path,
-            model_path=None,
-            ema_model_path=None,
+            model_path=paths.get("student"),
+            ema_model_path=paths.get("ema"),
             num_images=n,
             num_skipped=scan.num_skipped,
             skipped=scan.skipped,
             metrics=metrics,
             history=history,
         )
+
+    if stopped or step < total_steps:
+        save(step)
+        _logger.info("stopped at step %d/%d; checkpoint %s", step, total_steps, ckpt_path)
+        return result("stopped", {})
 
     # ---- final eval + export ------------------------------------------------------------------
     model.eval()
@@ -513,59 +518,23 @@ def adapt(
         "templates": templates,
         "steps": step,
     }
-    model_path = output_dir / MODEL_NAME
-    ckpt.export_classifier(
-        model_path,
-        model.state_dict(),
-        class_names=class_names,
-        preprocess=preprocess.to_dict(),
-        model_cfg=model_cfg,
-        logit_scale=cfg.logit_scale,
-        extra={**extra, "weights": "student"},
-    )
-    ema_path = None
+    exports: list[tuple[str, torch.nn.Module, str]] = [("student", model, MODEL_NAME)]
     if cfg.export_ema:
-        ema_path = output_dir / EMA_MODEL_NAME
+        exports.append(("ema", teacher, EMA_MODEL_NAME))
+    paths: dict[str, Path] = {}
+    for which, net, filename in exports:
+        paths[which] = output_dir / filename
         ckpt.export_classifier(
-            ema_path,
-            teacher.state_dict(),
+            paths[which],
+            net.state_dict(),
             class_names=class_names,
             preprocess=preprocess.to_dict(),
             model_cfg=model_cfg,
             logit_scale=cfg.logit_scale,
-            extra={**extra, "weights": "ema"},
+            extra={**extra, "weights": which},
         )
-    import json
-
     ckpt.atomic_write(
         output_dir / "metrics.json",
         lambda tmp: tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2)),
     )
-    return AdaptationResult(
-        status="completed",
-        step=step,
-        total_steps=total_steps,
-        output_dir=output_dir,
-        checkpoint_path=ckpt_path,
-        model_path=model_path,
-        ema_model_path=ema_path,
-        num_images=n,
-        num_skipped=scan.num_skipped,
-        skipped=scan.skipped,
-        metrics=metrics,
-        history=history,
-    )
-
-
-def build_zero_shot(
-    base_model: BaseModelSpec,
-    class_names: list[str],
-    templates: list[str] | None = None,
-    logit_scale: float = 100.0,
-) -> tuple[MustModel, Any, dict[str, Any]]:
-    """Zero-shot MUST model (no training) with its preprocessing and model config."""
-    class_names = validate_class_names(class_names)
-    templates = validate_templates(list(templates) if templates else list(DEFAULT_TEMPLATES))
-    base = load_base_model(base_model)
-    model = build_must_model(base, class_names, templates, logit_scale=logit_scale)
-    return model.eval(), base.preprocess, base.model_cfg
+    return result("completed", paths)

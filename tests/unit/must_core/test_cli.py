@@ -65,7 +65,7 @@ def test_adapt_eval_predict(tmp_path: Path) -> None:
     assert "status: completed" in r.stdout
     assert "skipped 1" in r.stdout and "corrupt.png" in r.stdout
     assert "zero_shot" in r.stdout and "adapted" in r.stdout
-    assert "step" in r.stderr  # progress bar
+    assert "4/4" in r.stderr and "eta=" in r.stderr  # progress bar with ETA
     model = out / "model.safetensors"
     assert model.is_file()
 

@@ -416,3 +416,17 @@ def test_mask_patch_default_and_validation(tiny_spec) -> None:  # type: ignore[n
     with pytest.raises(InvalidConfigError):
         resolve_mask_patch_size(model, 12)
     _ = np  # numpy imported for helpers above
+
+
+def test_strong_view_survives_maximum_randaugment_magnitude(tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    """timm's PosterizeIncreasing at magnitude 10 asks PIL for 0 bits; the engine caps it (bits = 1)."""
+    import random
+
+    from must_core.ml.data import strong_transform
+
+    pp = load_base_model(tiny_spec).preprocess
+    tf = strong_transform(pp, num_ops=10, magnitude=10.0, magnitude_std=0.0)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    random.seed(0)
+    for _ in range(30):
+        assert tf(img).shape == (3, 32, 32)

@@ -1,0 +1,98 @@
+"""RFC 9457 problem+json responses with a stable ``code`` for every expected failure."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from must_core.errors import MustError
+
+_logger = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+# code → (status, title)
+STATUS: dict[str, tuple[int, str]] = {
+    "not_found": (404, "Not found"),
+    "unauthorized": (401, "Missing or invalid API key"),
+    "validation_error": (422, "Invalid request"),
+    "invalid_config": (422, "Invalid hyperparameters"),
+    "invalid_uri": (422, "Invalid URI"),
+    "uri_forbidden": (403, "URI refused by policy"),
+    "job_not_cancellable": (409, "Job already finished"),
+    "queue_unavailable": (503, "Job queue unavailable"),
+    "not_ready": (503, "Not ready"),
+    "internal_error": (500, "Internal server error"),
+    "request_too_large": (413, "Request too large"),
+    "too_many_images": (413, "Too many images"),
+    "image_too_large": (413, "Image too large"),
+    "image_pixels_exceeded": (413, "Image has too many pixels"),
+    "not_an_image": (415, "Not a decodable image"),
+    "unsupported_media_type": (415, "Unsupported media type"),
+    "model_not_ready": (409, "Model not ready"),
+    "zero_shot_disabled": (403, "Zero-shot classification disabled"),
+}
+
+
+class ApiError(MustError):
+    """An HTTP-edge error with a code from STATUS."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message, code=code)
+
+
+def problem(
+    request: Request, code: str, detail: str, status: int | None = None, **extra: Any
+) -> JSONResponse:
+    st, title = STATUS.get(code, (status or 400, code.replace("_", " ").capitalize()))
+    body = {
+        "type": f"/problems/{code}",
+        "title": title,
+        "status": status or st,
+        "detail": detail,
+        "instance": request.url.path,
+        "code": code,
+        **extra,
+    }
+    headers = {"WWW-Authenticate": "Bearer"} if code == "unauthorized" else None
+    return JSONResponse(body, status_code=status or st, media_type=PROBLEM_JSON, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(MustError)
+    async def _must_error(request: Request, exc: MustError) -> JSONResponse:
+        status = STATUS.get(exc.code, (422, ""))[0]
+        log = _logger.warning if status < 500 else _logger.error
+        log("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc.message)
+        return problem(request, exc.code, exc.message, status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))}
+            for e in exc.errors()
+        ]
+        return problem(
+            request, "validation_error", "the request does not match the schema", errors=errors
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 401: "unauthorized", 405: "method_not_allowed"}.get(
+            exc.status_code, f"http_{exc.status_code}"
+        )
+        return problem(request, code, str(exc.detail), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+        request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
+        _logger.error("unhandled error (request_id=%s)", request_id, exc_info=exc)
+        return problem(
+            request, "internal_error", "internal error; quote the request_id", request_id=request_id
+        )

@@ -1,0 +1,89 @@
+"""/v1/jobs: submit, read, list and cancel adaptation jobs."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Query, status
+
+from api.deps import QueueDep, SessionDep, SettingsDep, TenantDep
+from must_core.jobs import queries
+from must_core.jobs.schemas import JobCreate, JobList, JobRead, StatusFilter
+from must_core.jobs.validate import validate_job
+from must_core.jobs.views import job_view
+
+_logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_PROBLEMS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "Missing or invalid API key (problem+json)"}
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses={
+        **_PROBLEMS,
+        403: {"description": "URI refused by policy (uri_forbidden)"},
+        422: {"description": "invalid_uri, invalid_config or validation_error"},
+    },
+)
+def submit_job(
+    body: JobCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, queue: QueueDep
+) -> JobRead:
+    """Submit an adaptation job. Returns at once with status ``queued``; poll ``GET /v1/jobs/{id}``."""
+    spec = validate_job(body, settings)
+    job = queries.create_job(session, tenant, spec)
+    # The row is the truth: commit before sending, so the worker always finds it.
+    session.commit()
+    try:
+        queue.send_job(str(job.id))
+        queries.mark_enqueued(session, job.id)
+        session.commit()
+    except Exception:
+        _logger.exception("could not enqueue job %s; the sweeper will re-send it", job.id)
+    return job_view(job)
+
+
+@router.get("", response_model=JobList, responses=_PROBLEMS)
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    status_: StatusFilter | None = Query(None, alias="status"),
+    limit: int = Query(20, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> JobList:
+    """The caller's jobs, newest first, optionally filtered by status."""
+    limit = min(limit, settings.api.max_page_size)
+    items, total = queries.list_jobs(session, tenant, status=status_, limit=limit, offset=offset)
+    return JobList(items=[job_view(j) for j in items], total=total, limit=limit, offset=offset)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=JobRead,
+    responses={**_PROBLEMS, 404: {"description": "No such job for this tenant"}},
+)
+def get_job(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> JobRead:
+    """Status, progress, metrics, model id (when succeeded) and error (when failed)."""
+    return job_view(queries.get_job(session, tenant, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobRead,
+    responses={
+        **_PROBLEMS,
+        404: {"description": "No such job for this tenant"},
+        409: {"description": "Job already succeeded or failed"},
+    },
+)
+def cancel_job(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> JobRead:
+    """Idempotent: a queued job never starts; a running one stops at its next step."""
+    job = queries.request_cancel(session, queries.get_job(session, tenant, job_id))
+    return job_view(job)

@@ -1,0 +1,299 @@
+"""Every job/model query. Functions take a Session and only flush; the caller's unit of work commits.
+
+Worker-side writes are conditional on ``(status='running', attempt=<the claim's attempt>)`` so a worker
+that lost its claim (sweeper re-queued the job) can never overwrite the new attempt's row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from must_core.db.base import utcnow
+from must_core.db.models import AdaptedModel, Job, Tenant
+from must_core.errors import MustError
+from must_core.jobs.states import TERMINAL, JobStatus
+
+DEFAULT_TENANT = "default"
+
+
+class NotFoundError(MustError):
+    code = "not_found"
+
+
+class JobNotCancellableError(MustError):
+    code = "job_not_cancellable"
+
+
+def _rows(result: Any) -> int:
+    """Rows matched by an UPDATE (CursorResult.rowcount)."""
+    return int(result.rowcount)
+
+
+# ---- tenants ---------------------------------------------------------------------------------
+def get_or_create_tenant(session: Session, name: str) -> Tenant:
+    tenant = session.scalar(select(Tenant).where(Tenant.name == name))
+    if tenant is None:
+        tenant = Tenant(name=name)
+        session.add(tenant)
+        session.flush()
+    return tenant
+
+
+# ---- jobs: API side ------------------------------------------------------------------------------
+def create_job(session: Session, tenant_id: uuid.UUID, spec: dict[str, Any]) -> Job:
+    now = utcnow()
+    job = Job(
+        tenant_id=tenant_id,
+        status=JobStatus.QUEUED.value,
+        spec=spec,
+        progress={},
+        metrics={},
+        dataset_stats={},
+        attempt=0,
+        cancel_requested=False,
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    session.flush()
+    return job
+
+
+def mark_enqueued(session: Session, job_id: uuid.UUID) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+
+
+def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """The tenant's job, or NotFoundError (also for other tenants' jobs: no existence leak)."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFoundError(f"job {job_id} not found")
+    return job
+
+
+def list_jobs(
+    session: Session, tenant_id: uuid.UUID, *, status: str | None, limit: int, offset: int
+) -> tuple[list[Job], int]:
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(
+        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
+    ).all()
+    return list(items), int(total)
+
+
+def request_cancel(session: Session, job: Job) -> Job:
+    """Idempotent. A queued job is cancelled at once; a running one stops at its next step."""
+    now = utcnow()
+    if job.status == JobStatus.CANCELLED:
+        return job
+    if job.status in TERMINAL:
+        raise JobNotCancellableError(f"job {job.id} already {job.status}")
+    # Conditional: the worker may claim the job between our read and this write.
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
+        .values(
+            status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now, updated_at=now
+        )
+    )
+    if _rows(res) == 0:
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value)
+            .values(cancel_requested=True, updated_at=now)
+        )
+    session.refresh(job)
+    return job
+
+
+# ---- jobs: worker side ---------------------------------------------------------------------------
+def claim_job(session: Session, job_id: uuid.UUID, worker: str) -> int | None:
+    """queued → running with attempt+1. Returns the new attempt, or None if someone else has it."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False)
+        )
+        .values(
+            status=JobStatus.RUNNING.value,
+            attempt=Job.attempt + 1,
+            heartbeat_at=now,
+            started_at=func.coalesce(Job.started_at, now),
+            worker=worker,
+            updated_at=now,
+            error_code=None,
+            error_message=None,
+        )
+    )
+    if _rows(res) != 1:
+        return None
+    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
+    return int(attempt) if attempt is not None else None
+
+
+def _owned(job_id: uuid.UUID, attempt: int) -> Any:
+    return (Job.id == job_id) & (Job.status == JobStatus.RUNNING.value) & (Job.attempt == attempt)
+
+
+def heartbeat(session: Session, job_id: uuid.UUID, attempt: int) -> tuple[bool, bool]:
+    """Touch heartbeat_at. Returns (still owned, cancel requested)."""
+    now = utcnow()
+    res = session.execute(update(Job).where(_owned(job_id, attempt)).values(heartbeat_at=now))
+    cancel = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return _rows(res) == 1, bool(cancel)
+
+
+def update_running(session: Session, job_id: uuid.UUID, attempt: int, **values: Any) -> bool:
+    """Write progress/metrics/stats fields while the claim is ours (also refreshes the heartbeat)."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(heartbeat_at=now, updated_at=now, **values)
+    )
+    return _rows(res) == 1
+
+
+def finish_job(
+    session: Session,
+    job_id: uuid.UUID,
+    attempt: int,
+    status: JobStatus,
+    *,
+    error_code: str | None = None,
+    error_message: str | None = None,
+    **values: Any,
+) -> bool:
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(
+            status=status.value,
+            finished_at=now,
+            updated_at=now,
+            heartbeat_at=now,
+            error_code=error_code,
+            error_message=error_message,
+            **values,
+        )
+    )
+    return _rows(res) == 1
+
+
+def release_job(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
+    """running → queued after a transient infrastructure error, so a retry can claim it again."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(_owned(job_id, attempt))
+        .values(status=JobStatus.QUEUED.value, updated_at=now, enqueued_at=now)
+    )
+    return _rows(res) == 1
+
+
+def complete_job(
+    session: Session, job: Job, attempt: int, *, model: AdaptedModel, values: dict[str, Any]
+) -> bool:
+    """Record the model and mark the job succeeded in one transaction."""
+    session.add(model)
+    session.flush()
+    return finish_job(session, job.id, attempt, JobStatus.SUCCEEDED, model_id=model.id, **values)
+
+
+def load_job(session: Session, job_id: uuid.UUID) -> Job | None:
+    return session.get(Job, job_id)
+
+
+# ---- sweeper -------------------------------------------------------------------------------------
+def sweep_stale(
+    session: Session, *, now: datetime, stale_after_s: float, max_attempts: int
+) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Running jobs whose heartbeat is older than ``stale_after_s``: re-queue them (they resume from
+    their checkpoint) while attempts are left, else fail them with ``worker_lost``.
+
+    Returns (re-queued ids, failed ids). Each row is updated conditionally, so concurrent sweepers in
+    several workers cannot double-handle a job.
+    """
+    cutoff = now - timedelta(seconds=stale_after_s)
+    stale = session.execute(
+        select(Job.id, Job.attempt, Job.cancel_requested).where(
+            Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff
+        )
+    ).all()
+    requeued: list[uuid.UUID] = []
+    failed: list[uuid.UUID] = []
+    for job_id, attempt, cancel in stale:
+        cond = _owned(job_id, attempt) & (Job.heartbeat_at < cutoff)
+        if cancel:
+            values: dict[str, Any] = {"status": JobStatus.CANCELLED.value, "finished_at": now}
+        elif attempt >= max_attempts:
+            values = {
+                "status": JobStatus.FAILED.value,
+                "finished_at": now,
+                "error_code": "worker_lost",
+                "error_message": f"worker stopped heartbeating {attempt} time(s); giving up",
+            }
+        else:
+            values = {"status": JobStatus.QUEUED.value, "enqueued_at": now}
+        res = session.execute(update(Job).where(cond).values(updated_at=now, **values))
+        if _rows(res) == 1:
+            (requeued if values["status"] == JobStatus.QUEUED.value else failed).append(job_id)
+    return requeued, failed
+
+
+def queued_due_for_resend(session: Session, *, now: datetime, after_s: float) -> list[uuid.UUID]:
+    """Queued jobs whose message may be lost (never sent, expired): bump enqueued_at, return ids."""
+    cutoff = now - timedelta(seconds=after_s)
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED.value,
+                (Job.enqueued_at.is_(None) & (Job.created_at < cutoff))
+                | (Job.enqueued_at < cutoff),
+            )
+            .limit(1000)
+        )
+    )
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(enqueued_at=now))
+    return ids
+
+
+# ---- models --------------------------------------------------------------------------------------
+def list_models(
+    session: Session, tenant_id: uuid.UUID, *, limit: int, offset: int
+) -> tuple[list[AdaptedModel], int]:
+    query = select(AdaptedModel).where(AdaptedModel.tenant_id == tenant_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    items = session.scalars(
+        query.order_by(AdaptedModel.created_at.desc(), AdaptedModel.id.desc())
+        .limit(limit)
+        .offset(offset)
+    ).all()
+    return list(items), int(total)
+
+
+def get_model(session: Session, tenant_id: uuid.UUID, model_id: uuid.UUID) -> AdaptedModel:
+    model = session.scalar(
+        select(AdaptedModel).where(AdaptedModel.id == model_id, AdaptedModel.tenant_id == tenant_id)
+    )
+    if model is None:
+        raise NotFoundError(f"model {model_id} not found")
+    return model
+
+
+def delete_model(session: Session, model: AdaptedModel) -> None:
+    session.execute(update(Job).where(Job.model_id == model.id).values(model_id=None))
+    session.delete(model)
+    session.flush()

@@ -1,0 +1,151 @@
+"""Public request/response schemas of the jobs and models API (pydantic v2). Field names are contracts."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from must_core.jobs.states import JobStatus
+
+
+class _Schema(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class BaseModelRequest(BaseModel):
+    """Which CLIP to start from. ``config_uri``/``checkpoint_uri``: file://, s3:// or https://."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field("ViT-B-16", min_length=1, max_length=300)
+    pretrained: str | None = Field(None, max_length=300)
+    config_uri: str | None = Field(None, max_length=4096)
+    checkpoint_uri: str | None = Field(None, max_length=4096)
+    force_quick_gelu: bool | None = None
+
+
+class JobParams(BaseModel):
+    """Hyperparameters (a preset plus overrides); validated by the engine's ``make_config``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    preset: str | None = Field(None, max_length=100)
+    epochs: int | None = Field(None, ge=1, le=10_000)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    lr: float | None = Field(None, gt=0, le=1.0)
+    min_steps: int | None = Field(None, ge=0, le=10_000_000)
+    seed: int | None = None
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_uri: str = Field(..., min_length=1, max_length=4096)
+    class_names: list[str] = Field(..., min_length=2)
+    templates: list[str] | None = None
+    base_model: BaseModelRequest = Field(default_factory=BaseModelRequest)  # type: ignore[arg-type]
+    eval_dataset_uri: str | None = Field(None, max_length=4096)
+    params: JobParams = Field(default_factory=JobParams)  # type: ignore[arg-type]
+
+    @field_validator("class_names")
+    @classmethod
+    def _classes(cls, v: list[str]) -> list[str]:
+        cleaned = [c.strip() for c in v]
+        if any(not c or len(c) > 200 for c in cleaned):
+            raise ValueError("class names must be 1-200 characters")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("class names must be unique")
+        return cleaned
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if not v or any("{}" not in t or len(t) > 300 for t in v):
+            raise ValueError("each template must contain '{}' and be at most 300 characters")
+        return v
+
+
+class Progress(_Schema):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: int | None = None
+    fraction: float = 0.0
+    eta_seconds: float | None = None
+    images_per_second: float | None = None
+    phase: str | None = None
+
+
+class JobError(_Schema):
+    code: str
+    message: str
+
+
+class JobMetrics(_Schema):
+    train: dict[str, float] | None = None  # latest losses (loss, st, fair, mim, align) + conf_ratio
+    eval: dict[str, Any] | None = (
+        None  # zero_shot / adapted / adapted_ema when an eval set was given
+    )
+
+
+class DatasetStats(_Schema):
+    num_images: int | None = None
+    num_skipped: int | None = None
+    skipped_examples: list[dict[str, str]] = Field(default_factory=list)
+
+
+class JobRead(_Schema):
+    id: uuid.UUID
+    status: JobStatus
+    dataset_uri: str
+    eval_dataset_uri: str | None
+    class_names: list[str]
+    templates: list[str] | None
+    base_model: dict[str, Any]
+    params: dict[str, Any]
+    progress: Progress
+    metrics: JobMetrics
+    dataset: DatasetStats
+    model_id: uuid.UUID | None
+    error: JobError | None
+    attempt: int
+    cancel_requested: bool
+    resumed_from_step: int | None
+    checkpoint_step: int | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+
+
+class JobList(BaseModel):
+    items: list[JobRead]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelRead(_Schema):
+    id: uuid.UUID
+    job_id: uuid.UUID
+    class_names: list[str]
+    base_model: dict[str, Any]
+    metrics: dict[str, Any]
+    size_bytes: int
+    created_at: datetime
+    artifact_key: str
+
+
+class ModelList(BaseModel):
+    items: list[ModelRead]
+    total: int
+    limit: int
+    offset: int
+
+
+StatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]

@@ -1,0 +1,26 @@
+"""Deterministic object keys per job: a re-run overwrites instead of duplicating."""
+
+from __future__ import annotations
+
+import uuid
+
+
+def job_prefix(job_id: uuid.UUID | str) -> str:
+    return f"jobs/{job_id}/"
+
+
+def checkpoint_key(job_id: uuid.UUID | str) -> str:
+    return f"jobs/{job_id}/checkpoints/last.pt"
+
+
+def model_key(job_id: uuid.UUID | str, ema: bool = False) -> str:
+    name = "model_ema.safetensors" if ema else "model.safetensors"
+    return f"jobs/{job_id}/model/{name}"
+
+
+def model_prefix(job_id: uuid.UUID | str) -> str:
+    return f"jobs/{job_id}/model/"
+
+
+def metrics_key(job_id: uuid.UUID | str) -> str:
+    return f"jobs/{job_id}/metrics.json"

@@ -1,0 +1,181 @@
+"""Worker logic on a real SQLite database (migrated with Alembic): claim, sweeper, failure codes,
+transient-error release. No broker needed: the runner is callable without Celery."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from must_core.cli.service import upgrade_database
+from must_core.db.base import utcnow
+from must_core.db.models import Job
+from must_core.db.session import make_engine, make_sessionmaker, session_scope
+from must_core.jobs import queries
+from must_core.settings import Settings
+from must_core.storage.local import LocalStore
+from worker.runner import JobRunner, TransientJobError
+from worker.sweeper import sweep_once
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    url = f"sqlite:///{tmp_path / 'must.db'}"
+    upgrade_database(url)
+    engine = make_engine(url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+def _settings(tmp_path: Path, **worker: object) -> Settings:
+    return Settings.model_validate(
+        {
+            "data_dir": tmp_path,
+            "db": {"url": f"sqlite:///{tmp_path / 'must.db'}"},
+            "datasets": {"allowed_roots": [str(tmp_path)]},
+            "worker": {
+                "device": "cpu",
+                "num_threads": 1,
+                "stale_after_s": 5,
+                "max_attempts": 2,
+                "heartbeat_interval_s": 0.2,
+                **worker,
+            },
+        }
+    )
+
+
+def _job(db: sessionmaker[Session], dataset_uri: str = "s3://bucket/none/") -> str:
+    with session_scope(db) as s:
+        tenant = queries.get_or_create_tenant(s, "t")
+        job = queries.create_job(
+            s,
+            tenant.id,
+            {
+                "dataset_uri": dataset_uri,
+                "class_names": ["a", "b"],
+                "base_model": {"arch": "must-tiny"},
+                "params": {"epochs": 1},
+            },
+        )
+        return str(job.id)
+
+
+def _get(db: sessionmaker[Session], job_id: str) -> Job:
+    import uuid
+
+    with session_scope(db) as s:
+        job = queries.load_job(s, uuid.UUID(job_id))
+        assert job is not None
+        return job
+
+
+def _age_heartbeat(db: sessionmaker[Session], job_id: str, seconds: float) -> None:
+    import uuid
+
+    with session_scope(db) as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(heartbeat_at=utcnow() - timedelta(seconds=seconds))
+        )
+
+
+def test_claim_is_conditional(db: sessionmaker[Session]) -> None:
+    import uuid
+
+    jid = uuid.UUID(_job(db))
+    with session_scope(db) as s:
+        assert queries.claim_job(s, jid, "w1") == 1
+    with session_scope(db) as s:
+        assert queries.claim_job(s, jid, "w2") is None  # redelivery / second worker: no-op
+
+
+def test_sweeper_requeues_then_gives_up(db: sessionmaker[Session], tmp_path: Path) -> None:
+    import uuid
+
+    settings = _settings(tmp_path)
+    jid = _job(db)
+    sent: list[str] = []
+    with session_scope(db) as s:
+        assert queries.claim_job(s, uuid.UUID(jid), "w1") == 1
+    assert sweep_once(settings, db, sent.append)["requeued"] == 0  # fresh heartbeat: left alone
+    _age_heartbeat(db, jid, 60)
+    assert sweep_once(settings, db, sent.append)["requeued"] == 1
+    assert sent == [jid] and _get(db, jid).status == "queued"
+    with session_scope(db) as s:
+        assert queries.claim_job(s, uuid.UUID(jid), "w2") == 2
+    _age_heartbeat(db, jid, 60)
+    assert sweep_once(settings, db, sent.append)["failed"] == 1  # max_attempts=2 reached
+    job = _get(db, jid)
+    assert job.status == "failed" and job.error_code == "worker_lost"
+
+
+def test_sweeper_finalises_cancel_of_dead_worker(db: sessionmaker[Session], tmp_path: Path) -> None:
+    import uuid
+
+    jid = _job(db)
+    with session_scope(db) as s:
+        queries.claim_job(s, uuid.UUID(jid), "w1")
+        job = queries.load_job(s, uuid.UUID(jid))
+        assert job is not None
+        queries.request_cancel(s, job)
+    _age_heartbeat(db, jid, 60)
+    sweep_once(_settings(tmp_path), db, lambda _: None)
+    assert _get(db, jid).status == "cancelled"
+
+
+def test_runner_skips_cancelled_job(db: sessionmaker[Session], tmp_path: Path) -> None:
+    import uuid
+
+    jid = _job(db)
+    with session_scope(db) as s:
+        job = queries.load_job(s, uuid.UUID(jid))
+        assert job is not None
+        queries.request_cancel(s, job)
+    runner = JobRunner(_settings(tmp_path), db, LocalStore(tmp_path / "store"))
+    assert runner.run_job(jid) == "skipped"
+    assert _get(db, jid).attempt == 0
+
+
+def test_runner_records_failure_code(db: sessionmaker[Session], tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "x.png").write_bytes(b"not an image")
+    jid = _job(db, f"file://{empty}")
+    runner = JobRunner(_settings(tmp_path), db, LocalStore(tmp_path / "store"))
+    assert runner.run_job(jid) == "failed"
+    job = _get(db, jid)
+    assert job.status == "failed" and job.error_code == "dataset_empty" and job.error_message
+
+
+def test_transient_storage_error_releases_job_for_retry(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once we leave: connection refused
+    settings = Settings.model_validate(
+        {
+            **_settings(tmp_path).model_dump(),
+            "storage": {
+                "backend": "s3",
+                "endpoint_url": f"http://127.0.0.1:{port}",
+                "access_key_id": "k",
+                "secret_access_key": "s",
+                "max_attempts": 1,
+                "connect_timeout_s": 1,
+            },
+        }
+    )
+    jid = _job(db, "s3://some-bucket/data/")
+    runner = JobRunner(settings, db, LocalStore(tmp_path / "store"))
+    with pytest.raises(TransientJobError):
+        runner.run_job(jid)
+    job = _get(db, jid)
+    assert job.status == "queued" and job.attempt == 1  # a Celery retry can claim it again

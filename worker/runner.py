@@ -1,0 +1,342 @@
+"""Run one adaptation job end to end. Callable without Celery (tests, debugging).
+
+Life of an attempt: claim (conditional UPDATE) → heartbeat thread → fetch dataset/base model →
+download the last checkpoint from storage if any (resume) → ``adapt`` with throttled progress writes,
+checkpoint uploads and a ``should_stop`` that reads the cancel flag → upload the model → one final
+commit (model row + ``succeeded``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from must_core.datasets.fetch import fetch_dataset
+from must_core.db.models import AdaptedModel
+from must_core.db.session import session_scope
+from must_core.errors import MustError
+from must_core.jobs import queries
+from must_core.jobs.base_models import resolve_base_model
+from must_core.jobs.states import JobStatus
+from must_core.logging import bind
+from must_core.settings import Settings
+from must_core.storage import ArtifactStore, checkpoint_key, metrics_key, model_key
+from must_core.storage.base import TransientStorageError
+from must_core.storage.factory import make_s3_client_from_settings
+
+_logger = logging.getLogger(__name__)
+
+
+class TransientJobError(Exception):
+    """Infrastructure hiccup (DB, storage, broker unreachable): the task retries with backoff."""
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    TransientStorageError,
+    OperationalError,
+    InterfaceError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+@dataclass
+class _Attempt:
+    job_id: uuid.UUID
+    attempt: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    lost: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    last_progress_write: float = 0.0
+
+
+class JobRunner:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], store: ArtifactStore
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.store = store
+        self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
+
+    # ---- entry point ---------------------------------------------------------------------------
+    def run_job(self, job_id: str) -> str:
+        """Claim and run the job. Returns the outcome (``skipped`` when not claimable)."""
+        jid = uuid.UUID(job_id)
+        try:
+            with session_scope(self.sessions) as s:
+                attempt = queries.claim_job(s, jid, self.worker_name)
+        except TRANSIENT_ERRORS as exc:  # DB down before the claim: nothing to release, just retry
+            raise TransientJobError(str(exc)) from exc
+        if attempt is None:
+            _logger.info("job %s is not claimable (already claimed, finished or cancelled)", jid)
+            return "skipped"
+        with bind(job_id=str(jid), attempt=attempt):
+            _logger.info("claimed job")
+            state = _Attempt(jid, attempt)
+            beat = threading.Thread(
+                target=self._heartbeat_loop, args=(state,), daemon=True, name=f"heartbeat-{jid}"
+            )
+            beat.start()
+            work = self.settings.work_dir / "jobs" / str(jid)
+            try:
+                return self._run(state, work)
+            except TRANSIENT_ERRORS as exc:
+                _logger.warning("transient infrastructure error, releasing job for retry: %s", exc)
+                self._safe(lambda s: queries.release_job(s, jid, attempt))
+                raise TransientJobError(str(exc)) from exc
+            except MustError as exc:
+                _logger.warning("job failed: %s", exc)
+                self._fail(state, exc.code, exc.message)
+                return "failed"
+            except Exception as exc:
+                code = (
+                    "time_limit_exceeded"
+                    if type(exc).__name__ == "SoftTimeLimitExceeded"
+                    else "internal_error"
+                )
+                _logger.exception("job crashed")
+                self._fail(state, code, f"{type(exc).__name__}: {exc}"[:2000])
+                return "failed"
+            finally:
+                state.done.set()
+                beat.join(timeout=5)
+                shutil.rmtree(work, ignore_errors=True)
+
+    # ---- the job ---------------------------------------------------------------------------------
+    def _run(self, state: _Attempt, work: Path) -> str:
+        from must_core.ml.config import make_config
+        from must_core.ml.train import adapt
+
+        with session_scope(self.sessions) as s:
+            job = queries.load_job(s, state.job_id)
+            assert job is not None
+            spec: dict[str, Any] = dict(job.spec)
+            ckpt_step = job.checkpoint_step
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        policy = self.settings.datasets
+
+        def s3_client() -> Any:
+            return make_s3_client_from_settings(self.settings)
+
+        self._write(state, progress={"step": ckpt_step or 0, "fraction": 0.0, "phase": "fetch"})
+        images = fetch_dataset(spec["dataset_uri"], work / "dataset", policy, s3_client)
+        eval_dir = None
+        if spec.get("eval_dataset_uri"):
+            eval_dir = fetch_dataset(spec["eval_dataset_uri"], work / "eval", policy, s3_client)
+        bm = spec.get("base_model") or {}
+        base = resolve_base_model(bm, work / "base", self.settings)
+        params = dict(spec.get("params") or {})
+        preset = params.pop("preset", None)
+        w = self.settings.worker
+        cfg = make_config(
+            preset,
+            **params,
+            device=w.device,
+            num_threads=self.settings.worker_threads,
+            num_workers=w.num_workers,
+            checkpoint_every_steps=w.checkpoint_every_steps,
+            progress_every_steps=w.progress_every_steps,
+        )
+
+        out = work / "output"
+        out.mkdir()
+        resumed_from = None
+        if self.store.exists(checkpoint_key(state.job_id)):
+            self.store.get_file(checkpoint_key(state.job_id), out / "last.pt")
+            resumed_from = ckpt_step
+            _logger.info("resuming from the stored checkpoint (step %s)", ckpt_step)
+            self._write(state, resumed_from_step=ckpt_step)
+
+        def on_progress(event: Any) -> None:
+            now = time.monotonic()
+            final = event.step >= event.total_steps
+            if not final and now - state.last_progress_write < w.progress_write_interval_s:
+                return
+            state.last_progress_write = now
+            self._write(state, progress=_progress(event), metrics=_merge_train(spec, event))
+
+        def on_checkpoint(path: Path, step: int) -> None:
+            if state.lost.is_set():  # another attempt owns the job: never overwrite its checkpoint
+                return
+            self.store.put_file(path, checkpoint_key(state.job_id))
+            self._write(state, checkpoint_step=step)
+
+        def should_stop() -> bool:
+            return state.cancel.is_set() or state.lost.is_set()
+
+        self._write(state, progress={"step": ckpt_step or 0, "fraction": 0.0, "phase": "train"})
+        result = adapt(
+            cfg,
+            images_dir=images,
+            class_names=list(spec["class_names"]),
+            output_dir=out,
+            base_model=base,
+            templates=spec.get("templates"),
+            eval_dir=eval_dir,
+            resume=True,
+            on_progress=on_progress,
+            should_stop=should_stop,
+            on_checkpoint=on_checkpoint,
+        )
+        stats = {
+            "num_images": result.num_images,
+            "num_skipped": result.num_skipped,
+            "skipped_examples": [{"path": p, "reason": r} for p, r in result.skipped[:20]],
+        }
+        progress = {
+            "step": result.step,
+            "total_steps": result.total_steps,
+            "fraction": result.step / result.total_steps if result.total_steps else 0.0,
+            "epoch": (result.history[-1]["epoch"] if result.history else None),
+            "eta_seconds": 0.0 if result.status == "completed" else None,
+            "images_per_second": (
+                result.history[-1]["images_per_second"] if result.history else None
+            ),
+            "phase": "done" if result.status == "completed" else "stopped",
+        }
+        metrics = _json_safe(result.metrics)
+        if result.status == "stopped":
+            if state.lost.is_set() and not state.cancel.is_set():
+                _logger.warning("lost the claim on this job; another attempt owns it now")
+                return "lost"
+            if not state.cancel.is_set():
+                raise MustError(
+                    f"training stopped early at step {result.step}/{result.total_steps}",
+                    code="training_incomplete",
+                )
+            with session_scope(self.sessions) as s:
+                queries.finish_job(
+                    s,
+                    state.job_id,
+                    state.attempt,
+                    JobStatus.CANCELLED,
+                    progress=progress,
+                    metrics=metrics,
+                    dataset_stats=stats,
+                )
+            _logger.info("job cancelled at step %d", result.step)
+            return "cancelled"
+
+        assert result.model_path is not None
+        self.store.put_file(result.model_path, model_key(state.job_id))
+        ema_key = None
+        if result.ema_model_path is not None:
+            ema_key = model_key(state.job_id, ema=True)
+            self.store.put_file(result.ema_model_path, ema_key)
+        metrics_file = out / "metrics.json"
+        if metrics_file.exists():
+            self.store.put_file(metrics_file, metrics_key(state.job_id))
+        with session_scope(self.sessions) as s:
+            job = queries.load_job(s, state.job_id)
+            assert job is not None
+            model = AdaptedModel(
+                tenant_id=job.tenant_id,
+                job_id=job.id,
+                class_names=list(spec["class_names"]),
+                base_model=dict(bm),
+                metrics=metrics,
+                artifact_key=model_key(state.job_id),
+                ema_artifact_key=ema_key,
+                size_bytes=result.model_path.stat().st_size,
+            )
+            ok = queries.complete_job(
+                s,
+                job,
+                state.attempt,
+                model=model,
+                values={
+                    "progress": progress,
+                    "metrics": metrics,
+                    "dataset_stats": stats,
+                    "resumed_from_step": resumed_from,
+                },
+            )
+            if not ok:
+                s.rollback()
+                _logger.warning("claim lost before completion; not recording the model")
+                return "lost"
+        _logger.info("job succeeded: %d steps, model %s", result.step, model.id)
+        return "succeeded"
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _write(self, state: _Attempt, **values: Any) -> None:
+        with session_scope(self.sessions) as s:
+            if not queries.update_running(s, state.job_id, state.attempt, **values):
+                state.lost.set()
+
+    def _fail(self, state: _Attempt, code: str, message: str) -> None:
+        self._safe(
+            lambda s: queries.finish_job(
+                s,
+                state.job_id,
+                state.attempt,
+                JobStatus.FAILED,
+                error_code=code,
+                error_message=message,
+            )
+        )
+
+    def _safe(self, fn: Any) -> None:
+        try:
+            with session_scope(self.sessions) as s:
+                fn(s)
+        except Exception:
+            _logger.exception("could not update the job row (the sweeper will handle it)")
+
+    def _heartbeat_loop(self, state: _Attempt) -> None:
+        """Touch heartbeat_at and poll the cancel flag until the attempt ends."""
+        interval = self.settings.worker.heartbeat_interval_s
+        while not state.done.wait(interval):
+            try:
+                with session_scope(self.sessions) as s:
+                    owned, cancel = queries.heartbeat(s, state.job_id, state.attempt)
+                if cancel:
+                    state.cancel.set()
+                if not owned:
+                    state.lost.set()
+            except Exception as exc:  # a DB blip must not kill the heartbeat thread
+                _logger.warning("heartbeat failed: %s", exc)
+
+
+def _progress(event: Any) -> dict[str, Any]:
+    return {
+        "step": event.step,
+        "total_steps": event.total_steps,
+        "epoch": event.epoch,
+        "fraction": event.fraction,
+        "eta_seconds": event.eta_seconds,
+        "images_per_second": event.images_per_second,
+        "phase": getattr(event, "phase", "train"),
+        "lr": event.lr,
+        "ema_decay": event.ema_decay,
+    }
+
+
+def _merge_train(spec: dict[str, Any], event: Any) -> dict[str, Any]:
+    return {"train": {**event.losses, "conf_ratio": event.conf_ratio}}
+
+
+def _json_safe(value: Any) -> Any:
+    """Metrics dicts from the engine as plain JSON (floats, lists, dicts)."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)

@@ -1,0 +1,42 @@
+"""Thin Celery tasks: bind log context, call the runner. Job logic lives in worker.runner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from must_core.jobs import names
+from must_core.settings import get_settings
+from worker import context
+from worker.app import app
+from worker.runner import TransientJobError
+from worker.sweeper import sweep_once
+
+_settings = get_settings()
+
+
+def send_run_job(job_id: str) -> None:
+    w = get_settings().worker
+    app.send_task(names.RUN_JOB, args=[job_id], queue=w.queue, expires=w.requeue_queued_after_s)
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=names.RUN_JOB,
+    bind=True,
+    acks_late=True,
+    autoretry_for=(TransientJobError,),
+    retry_backoff=_settings.worker.retry_backoff_s,
+    retry_jitter=True,
+    max_retries=_settings.worker.max_retries,
+    soft_time_limit=_settings.worker.soft_time_limit_s,
+    time_limit=_settings.worker.time_limit_s,
+    ignore_result=True,
+)
+def run_job(self: Any, job_id: str) -> str:
+    """Run adaptation job ``job_id`` (claimed from the DB; a no-op if someone else has it)."""
+    return context.runner().run_job(job_id)
+
+
+@app.task(name=names.SWEEP, ignore_result=True)  # type: ignore[untyped-decorator]
+def sweep_stale_jobs() -> dict[str, int]:
+    """Re-queue or fail jobs with a stale heartbeat; re-send queued jobs whose message was lost."""
+    return sweep_once(get_settings(), context.sessions(), send_run_job)
