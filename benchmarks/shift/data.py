@@ -22,8 +22,16 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 CLASSES: tuple[str, ...] = (
-    "circle", "square", "triangle", "star", "cross",
-    "diamond", "ring", "crescent", "arrow", "hexagon",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "diamond",
+    "ring",
+    "crescent",
+    "arrow",
+    "hexagon",
 )
 # Prompt templates for the zero-shot classifier (the benchmark passes them to the engine).
 TEMPLATES: tuple[str, ...] = (
@@ -34,8 +42,14 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 _COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (230, 200, 20),
-    "purple": (140, 40, 180), "orange": (240, 130, 20), "black": (20, 20, 20), "pink": (240, 90, 170),
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (230, 200, 20),
+    "purple": (140, 40, 180),
+    "orange": (240, 130, 20),
+    "black": (20, 20, 20),
+    "pink": (240, 90, 170),
 }
 _CAPTION_TEMPLATES: tuple[str, ...] = (
     "a {size} {colour} {shape} in the {pos}.",
@@ -52,16 +66,22 @@ IMAGE_SIZE = 32
 
 
 def _polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(rot + 2 * math.pi * i / n), cy + r * math.sin(rot + 2 * math.pi * i / n))
-            for i in range(n)]
+    return [
+        (cx + r * math.cos(rot + 2 * math.pi * i / n), cy + r * math.sin(rot + 2 * math.pi * i / n))
+        for i in range(n)
+    ]
 
 
-def _rotate(points: list[tuple[float, float]], cx: float, cy: float, a: float) -> list[tuple[float, float]]:
+def _rotate(
+    points: list[tuple[float, float]], cx: float, cy: float, a: float
+) -> list[tuple[float, float]]:
     c, s = math.cos(a), math.sin(a)
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
 
 
-def shape_outline(name: str, cx: float, cy: float, r: float, rot: float) -> list[list[tuple[float, float]]]:
+def shape_outline(
+    name: str, cx: float, cy: float, r: float, rot: float
+) -> list[list[tuple[float, float]]]:
     """Closed polygons (outer first; a second one is a hole) approximating the shape."""
     up = -math.pi / 2 + rot
     if name == "circle":
@@ -86,8 +106,20 @@ def shape_outline(name: str, cx: float, cy: float, r: float, rot: float) -> list
         return [pts]
     if name == "cross":
         w = r * 0.36
-        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w),
-               (-r, -w), (-w, -w)]
+        pts = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         return [_rotate([(cx + x, cy + y) for x, y in pts], cx, cy, rot)]
     if name == "crescent":
         outer = _polygon(cx, cy, r, 48, 0)
@@ -100,7 +132,9 @@ def shape_outline(name: str, cx: float, cy: float, r: float, rot: float) -> list
     raise ValueError(f"unknown shape {name!r}")
 
 
-def _shape_mask(name: str, cx: float, cy: float, r: float, rot: float, outline: int = 0) -> Image.Image:
+def _shape_mask(
+    name: str, cx: float, cy: float, r: float, rot: float, outline: int = 0
+) -> Image.Image:
     """L-mode mask of the shape at RENDER size; ``outline`` > 0 draws only a stroke of that width."""
     m = Image.new("L", (RENDER, RENDER), 0)
     d = ImageDraw.Draw(m)
@@ -110,8 +144,11 @@ def _shape_mask(name: str, cx: float, cy: float, r: float, rot: float, outline: 
         d.polygon(polys[1], fill=0)
         if outline:
             inner = m.filter(ImageFilter.MinFilter(2 * (outline // 2) + 1))
-            m = Image.fromarray(np.clip(np.asarray(m, np.int16) - np.asarray(inner, np.int16), 0, 255)
-                                .astype(np.uint8))
+            m = Image.fromarray(
+                np.clip(np.asarray(m, np.int16) - np.asarray(inner, np.int16), 0, 255).astype(
+                    np.uint8
+                )
+            )
         return m
     if outline:
         for poly in polys:
@@ -177,7 +214,9 @@ def render_source(rng: np.random.Generator, label: int) -> tuple[Image.Image, st
     img = Image.new("RGB", (RENDER, RENDER), tuple(int(v) for v in bg))
     img.paste(tuple(int(v) for v in fg), mask=_shape_mask(name, cx, cy, r, rot))
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(0, 8) * (rng.random() < 0.5), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    noisy = np.asarray(img, np.float32) + rng.normal(
+        0, rng.uniform(0, 8) * (rng.random() < 0.5), size=(IMAGE_SIZE, IMAGE_SIZE, 3)
+    )
     img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
     tmpl = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
     bgword = "dark" if _luma(bg) < 128 else "light"
@@ -188,8 +227,15 @@ def _texture(rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
     """A low-frequency noisy background with random stripes, float32 [RENDER, RENDER, 3]."""
     base = rng.uniform(lo, hi, size=3)
     coarse = rng.uniform(-35, 35, size=(8, 8, 3)).astype(np.float32)
-    coarse_img = np.stack([np.asarray(Image.fromarray(coarse[..., c]).resize((RENDER, RENDER),
-                           Image.Resampling.BICUBIC)) for c in range(3)], -1)
+    coarse_img = np.stack(
+        [
+            np.asarray(
+                Image.fromarray(coarse[..., c]).resize((RENDER, RENDER), Image.Resampling.BICUBIC)
+            )
+            for c in range(3)
+        ],
+        -1,
+    )
     yy, xx = np.mgrid[0:RENDER, 0:RENDER].astype(np.float32)
     a = rng.uniform(0, math.pi)
     freq = rng.uniform(0.08, 0.25)
@@ -208,7 +254,9 @@ class TargetStyle:
     noise: tuple[float, float] = (4.0, 12.0)  # pixel-noise std at 32 px
 
 
-def render_target(rng: np.random.Generator, label: int, style: TargetStyle | None = None) -> Image.Image:
+def render_target(
+    rng: np.random.Generator, label: int, style: TargetStyle | None = None
+) -> Image.Image:
     """One target image: a light hatched or solid shape on dark textured clutter, blurred and noisy."""
     st = style or TargetStyle()
     name = CLASSES[label]
@@ -219,7 +267,9 @@ def render_target(rng: np.random.Generator, label: int, style: TargetStyle | Non
     dc = ImageDraw.Draw(clutter)
     for _ in range(int(rng.integers(*st.strokes))):
         x0, y0, x1, y1 = rng.uniform(0, RENDER, size=4)
-        dc.line([(x0, y0), (x1, y1)], fill=int(rng.integers(120, 200)), width=int(rng.integers(3, 7)))
+        dc.line(
+            [(x0, y0), (x1, y1)], fill=int(rng.integers(120, 200)), width=int(rng.integers(3, 7))
+        )
     arr += np.asarray(clutter, np.float32)[..., None] / 255.0 * rng.uniform(60, 140, size=3)
     # The shape: a thick light outline, or a hatched fill.
     stroke = int(rng.integers(7, 12))
@@ -238,7 +288,9 @@ def render_target(rng: np.random.Generator, label: int, style: TargetStyle | Non
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
     img = img.filter(ImageFilter.GaussianBlur(rng.uniform(*st.blur)))
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    noisy = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(*st.noise), size=(IMAGE_SIZE, IMAGE_SIZE, 3))
+    noisy = np.asarray(img, np.float32) + rng.normal(
+        0, rng.uniform(*st.noise), size=(IMAGE_SIZE, IMAGE_SIZE, 3)
+    )
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
@@ -270,7 +322,11 @@ def write_target(root: Path, n_adapt: int, n_val: int, n_test: int, seed: int) -
     if done.exists():
         return splits
     for i, (sub, n, labelled) in enumerate(
-        ((splits.adapt_dir, n_adapt, False), (splits.val_dir, n_val, True), (splits.test_dir, n_test, True))
+        (
+            (splits.adapt_dir, n_adapt, False),
+            (splits.val_dir, n_val, True),
+            (splits.test_dir, n_test, True),
+        )
     ):
         rng = np.random.default_rng([seed, i])
         sub.mkdir(parents=True, exist_ok=True)

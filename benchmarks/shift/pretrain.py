@@ -31,7 +31,13 @@ _logger = logging.getLogger(__name__)
 # Small enough for 2 CPU cores: 32 px input, 4 px patches (8x8 tokens), 3 blocks of width 64.
 MODEL_CFG: dict[str, Any] = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 3, "width": 64, "patch_size": 4, "head_width": 32},
+    "vision_cfg": {
+        "image_size": IMAGE_SIZE,
+        "layers": 3,
+        "width": 64,
+        "patch_size": 4,
+        "head_width": 32,
+    },
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 PREPROCESS_CFG: dict[str, Any] = {
@@ -46,18 +52,40 @@ PREPROCESS_CFG: dict[str, Any] = {
 # colour-varied icons with light augmentation while the temperature is annealed to the engine's
 # fixed 100 (spec §1.1.5), so confidences behave like a real CLIP's under softmax(100·cos).
 STAGES: tuple[dict[str, Any], ...] = (
-    {"name": "stage1", "clean": True, "num_pairs": 24_000, "epochs": 10, "batch_size": 128,
-     "lr": 1e-3, "weight_decay": 0.1, "warmup_steps": 100, "seed": 1234, "augment": False,
-     "logit_scale": "learned"},
-    {"name": "stage2", "clean": False, "num_pairs": 24_000, "epochs": 6, "batch_size": 128,
-     "lr": 5e-4, "weight_decay": 0.1, "warmup_steps": 50, "seed": 1235, "augment": True,
-     "logit_scale": "anneal_to_100"},
+    {
+        "name": "stage1",
+        "clean": True,
+        "num_pairs": 24_000,
+        "epochs": 10,
+        "batch_size": 128,
+        "lr": 1e-3,
+        "weight_decay": 0.1,
+        "warmup_steps": 100,
+        "seed": 1234,
+        "augment": False,
+        "logit_scale": "learned",
+    },
+    {
+        "name": "stage2",
+        "clean": False,
+        "num_pairs": 24_000,
+        "epochs": 6,
+        "batch_size": 128,
+        "lr": 5e-4,
+        "weight_decay": 0.1,
+        "warmup_steps": 50,
+        "seed": 1235,
+        "augment": True,
+        "logit_scale": "anneal_to_100",
+    },
 )
 
 
 def fingerprint(stage: int) -> str:
-    blob = json.dumps({"model": MODEL_CFG, "pp": PREPROCESS_CFG, "stages": STAGES[: stage + 1], "v": 2},
-                      sort_keys=True)
+    blob = json.dumps(
+        {"model": MODEL_CFG, "pp": PREPROCESS_CFG, "stages": STAGES[: stage + 1], "v": 2},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -110,7 +138,9 @@ def _zero_shot_acc(model: CLIP, tok: SimpleTokenizer, x: torch.Tensor, y: torch.
         t = F.normalize(model.encode_text(tok([t.format(name) for t in TEMPLATES])), dim=-1)
         cols.append(F.normalize(t.mean(0), dim=-1))
     w = torch.stack(cols, 1)
-    f = F.normalize(torch.cat([model.encode_image(x[i:i + 512]) for i in range(0, len(x), 512)]), dim=-1)
+    f = F.normalize(
+        torch.cat([model.encode_image(x[i : i + 512]) for i in range(0, len(x), 512)]), dim=-1
+    )
     model.train()
     return 100.0 * float(((f @ w).argmax(-1) == y).float().mean())
 
@@ -125,10 +155,13 @@ def _load(folder: Path) -> CLIP:
 
 def _save(model: CLIP, folder: Path, info: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              str(folder / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(folder / "open_clip_model.safetensors"),
+    )
     (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}, indent=2))
+        json.dumps({"model_cfg": MODEL_CFG, "preprocess_cfg": PREPROCESS_CFG}, indent=2)
+    )
     (folder / "pretrain_info.json").write_text(json.dumps(info, indent=2))
 
 
@@ -165,8 +198,14 @@ def _train_stage(model: CLIP | None, p: dict[str, Any], log: Any) -> tuple[CLIP,
     params = [(n, q) for n, q in model.named_parameters() if q.requires_grad]
     decay = [q for n, q in params if q.ndim >= 2 and "embedding" not in n]
     no_decay = [q for n, q in params if not (q.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": p["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=p["lr"], betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": p["weight_decay"]},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=p["lr"],
+        betas=(0.9, 0.98),
+    )
     loss_fn = ClipLoss()
     n = len(x_tr)
     steps_per_epoch = n // p["batch_size"]
@@ -178,9 +217,12 @@ def _train_stage(model: CLIP | None, p: dict[str, Any], log: Any) -> tuple[CLIP,
     for epoch in range(p["epochs"]):
         perm = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
-            idx = perm[i * p["batch_size"]:(i + 1) * p["batch_size"]]
-            lr = p["lr"] * (step + 1) / warm if step < warm else \
-                0.5 * p["lr"] * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+            idx = perm[i * p["batch_size"] : (i + 1) * p["batch_size"]]
+            lr = (
+                p["lr"] * (step + 1) / warm
+                if step < warm
+                else 0.5 * p["lr"] * (1 + math.cos(math.pi * (step - warm) / (total - warm)))
+            )
             for g in opt.param_groups:
                 g["lr"] = lr
             if not learned:  # log-linear anneal to ln(100) by 70 % of the stage
@@ -197,14 +239,21 @@ def _train_stage(model: CLIP | None, p: dict[str, Any], log: Any) -> tuple[CLIP,
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, math.log(100))
             step += 1
-        log(f"pretrain {p['name']} epoch {epoch + 1}/{p['epochs']}: loss {float(loss.detach()):.3f} "
+        log(
+            f"pretrain {p['name']} epoch {epoch + 1}/{p['epochs']}: loss {float(loss.detach()):.3f} "
             f"held-out source zero-shot {_zero_shot_acc(model, tok, x_ho, y_ho):.1f}% "
-            f"({time.monotonic() - t0:.0f}s)")
+            f"({time.monotonic() - t0:.0f}s)"
+        )
     model.eval()
-    return model, {"seconds": time.monotonic() - t0, "steps": total,
-            "source_heldout_zero_shot_top1": _zero_shot_acc(model, tok, x_ho, y_ho),
-            "final_loss": float(loss.detach()), "logit_scale": float(model.logit_scale.exp()),
-            "threads": torch.get_num_threads(), "settings": p}
+    return model, {
+        "seconds": time.monotonic() - t0,
+        "steps": total,
+        "source_heldout_zero_shot_top1": _zero_shot_acc(model, tok, x_ho, y_ho),
+        "final_loss": float(loss.detach()),
+        "logit_scale": float(model.logit_scale.exp()),
+        "threads": torch.get_num_threads(),
+        "settings": p,
+    }
 
 
 def pretrain(out_dir: Path, *, log: Any = print) -> dict[str, Any]:

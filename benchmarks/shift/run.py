@@ -30,14 +30,19 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_align": {"align_weight": 0.0},
     "no_fair": {"fair_weight": 0.0},
     # Plain EMA-teacher pseudo-labelling on strong views: no mask, no MIM, no alignment, no fairness.
-    "self_training_only": {"mask_ratio": 0.0, "mim_weight": 0.0, "align_weight": 0.0, "fair_weight": 0.0},
+    "self_training_only": {
+        "mask_ratio": 0.0,
+        "mim_weight": 0.0,
+        "align_weight": 0.0,
+        "fair_weight": 0.0,
+    },
 }
 DATA_SEED = 7
 N_ADAPT, N_VAL, N_TEST, N_SOURCE_TEST = 1280, 1000, 2000, 1000
 
 
 def _log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: T201 - CLI progress
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -59,27 +64,50 @@ class _TestSet:
     def top1(self, model: torch.nn.Module) -> float:
         was = model.training
         model.eval()
-        preds = torch.cat([model(self.x[i:i + 500]).argmax(-1) for i in range(0, len(self.x), 500)])
+        preds = torch.cat(
+            [model(self.x[i : i + 500]).argmax(-1) for i in range(0, len(self.x), 500)]
+        )
         model.train(was)
         return 100.0 * float((preds == self.y).float().mean())
 
 
+def zero_shot_model(base: Any) -> tuple[torch.nn.Module, Any]:
+    """The engine's zero-shot classifier (student at step 0) and the base model's preprocessing."""
+    from must_core.ml.model import build_must_model, load_base_model
+
+    clip = load_base_model(base)
+    model = build_must_model(clip, list(CLASSES), list(TEMPLATES))
+    return model.eval(), clip.preprocess
+
+
 def run_variant(
-    name: str, seed: int, *, base: Any, splits: Any, run_root: Path, threads: int, workers: int,
+    name: str,
+    seed: int,
+    *,
+    base: Any,
+    splits: Any,
+    run_root: Path,
+    threads: int,
+    workers: int,
     test: _TestSet,
     curve_every: int | None,
 ) -> dict[str, Any]:
     from must_core.ml import checkpoint as ckpt
     from must_core.ml.config import make_config
-    from must_core.ml.train import adapt, build_zero_shot
+    from must_core.ml.train import adapt
 
-    overrides: dict[str, Any] = {**VARIANTS[name], "seed": seed, "num_threads": threads, "device": "cpu",
-                                 "num_workers": workers}
+    overrides: dict[str, Any] = {
+        **VARIANTS[name],
+        "seed": seed,
+        "num_threads": threads,
+        "device": "cpu",
+        "num_workers": workers,
+    }
     if curve_every:
         overrides["checkpoint_every_steps"] = curve_every
     cfg = make_config(**overrides)
     curve: list[dict[str, float]] = []
-    probe, _, _ = build_zero_shot(base, list(CLASSES), list(TEMPLATES))
+    probe, _ = zero_shot_model(base)
 
     def on_checkpoint(path: Path, step: int) -> None:
         state = ckpt.load_training_checkpoint(path)
@@ -92,19 +120,34 @@ def run_variant(
     out_dir = run_root / f"{name}_seed{seed}"
     t0 = time.monotonic()
     res = adapt(
-        cfg, images_dir=splits.adapt_dir, class_names=list(CLASSES), output_dir=out_dir,
-        base_model=base, templates=list(TEMPLATES), eval_dir=splits.test_dir, resume=False,
+        cfg,
+        images_dir=splits.adapt_dir,
+        class_names=list(CLASSES),
+        output_dir=out_dir,
+        base_model=base,
+        templates=list(TEMPLATES),
+        eval_dir=splits.test_dir,
+        resume=False,
         on_checkpoint=on_checkpoint if curve_every else None,
     )
     seconds = time.monotonic() - t0
     m = res.metrics
     if curve_every:  # first point: the zero-shot model; last point: the final models
-        curve.insert(0, {"step": 0, "top1": m["zero_shot"]["top1"], "ema_top1": m["zero_shot"]["top1"]})
+        curve.insert(
+            0, {"step": 0, "top1": m["zero_shot"]["top1"], "ema_top1": m["zero_shot"]["top1"]}
+        )
         if curve[-1]["step"] != res.step:
-            curve.append({"step": res.step, "top1": m["adapted"]["top1"],
-                          "ema_top1": m["adapted_ema"]["top1"]})
-    _log(f"{name} seed {seed}: top1 {m['adapted']['top1']:.2f} (ema {m['adapted_ema']['top1']:.2f}, "
-         f"zero-shot {m['zero_shot']['top1']:.2f}) in {seconds:.0f}s, {res.step} steps")
+            curve.append(
+                {
+                    "step": res.step,
+                    "top1": m["adapted"]["top1"],
+                    "ema_top1": m["adapted_ema"]["top1"],
+                }
+            )
+    _log(
+        f"{name} seed {seed}: top1 {m['adapted']['top1']:.2f} (ema {m['adapted_ema']['top1']:.2f}, "
+        f"zero-shot {m['zero_shot']['top1']:.2f}) in {seconds:.0f}s, {res.step} steps"
+    )
     return {
         "seed": seed,
         "top1": m["adapted"]["top1"],
@@ -113,8 +156,16 @@ def run_variant(
         "ema_mean_per_class": m["adapted_ema"]["mean_per_class"],
         "steps": res.step,
         "seconds": round(seconds, 1),
-        "history": [{"step": h["step"], "conf_ratio": h["conf_ratio"], "lr": h["lr"],
-                     "ema_decay": h["ema_decay"], **h["losses"]} for h in res.history],
+        "history": [
+            {
+                "step": h["step"],
+                "conf_ratio": h["conf_ratio"],
+                "lr": h["lr"],
+                "ema_decay": h["ema_decay"],
+                **h["losses"],
+            }
+            for h in res.history
+        ],
         "curve": curve,
         "config": cfg.model_dump(mode="json"),
     }
@@ -125,23 +176,37 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("top1", "mean_per_class", "ema_top1", "ema_mean_per_class"):
         mean, std = _mean_std([r[key] for r in runs])
         out[f"{key}_mean"], out[f"{key}_std"] = round(mean, 2), round(std, 2)
-    out["per_seed"] = [{k: (round(v, 2) if isinstance(v, float) else v)
-                        for k, v in r.items() if k not in ("history", "curve", "config")} for r in runs]
+    out["per_seed"] = [
+        {
+            k: (round(v, 2) if isinstance(v, float) else v)
+            for k, v in r.items()
+            if k not in ("history", "curve", "config")
+        }
+        for r in runs
+    ]
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="data-loader worker processes for the adaptation runs (default 0)")
+    ap.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="data-loader worker processes for the adaptation runs (default 0)",
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--cache", type=Path, default=Path(".cache/shift"))
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"))
     ap.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"))
-    ap.add_argument("--curve-every", type=int, default=50,
-                    help="test-accuracy curve point every N steps (plots only; 0 = off)")
+    ap.add_argument(
+        "--curve-every",
+        type=int,
+        default=50,
+        help="test-accuracy curve point every N steps (plots only; 0 = off)",
+    )
     ap.add_argument("--curve-seeds", type=int, default=1, help="how many seeds record curves")
     ap.add_argument("--no-write", action="store_true", help="print results, write nothing to docs/")
     args = ap.parse_args(argv)
@@ -150,36 +215,42 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t_all = time.monotonic()
 
+    from benchmarks.shift.pretrain import pretrain
     from must_core.ml.config import BaseModelSpec, make_config
     from must_core.ml.data import scan_labelled
     from must_core.ml.evaluate import evaluate_folder
-    from must_core.ml.train import build_zero_shot
-
-    from benchmarks.shift._compat import patch_timm_posterize
-    from benchmarks.shift.pretrain import pretrain
-
-    patch_timm_posterize()
 
     t0 = time.monotonic()
     splits = write_target(args.cache / "data" / "target", N_ADAPT, N_VAL, N_TEST, DATA_SEED)
-    source_test = write_source_eval(args.cache / "data" / "source_test", N_SOURCE_TEST, DATA_SEED + 1)
+    source_test = write_source_eval(
+        args.cache / "data" / "source_test", N_SOURCE_TEST, DATA_SEED + 1
+    )
     t_data = time.monotonic() - t0
     _log(f"data ready ({t_data:.0f}s)")
     info = pretrain(args.cache / "model", log=_log)
-    _log(f"tiny CLIP: {'cached' if info['cached'] else 'pretrained'} "
-         f"({info['seconds']:.0f}s when trained, source held-out zero-shot {info['source_heldout_zero_shot_top1']:.1f}%)")
+    _log(
+        f"tiny CLIP: {'cached' if info['cached'] else 'pretrained'} "
+        f"({info['seconds']:.0f}s when trained, source held-out zero-shot {info['source_heldout_zero_shot_top1']:.1f}%)"
+    )
     base = BaseModelSpec(arch=f"local-dir:{Path(info['path']).resolve()}")
 
     # Zero-shot on the source and the target (same prompts the engine uses).
-    zs_model, preprocess, _ = build_zero_shot(base, list(CLASSES), list(TEMPLATES))
+    zs_model, preprocess = zero_shot_model(base)
     zero_shot: dict[str, Any] = {}
-    for key, folder in (("test", splits.test_dir), ("val", splits.val_dir), ("source", source_test)):
+    for key, folder in (
+        ("test", splits.test_dir),
+        ("val", splits.val_dir),
+        ("source", source_test),
+    ):
         items, _ = scan_labelled(folder, list(CLASSES))
-        r = evaluate_folder(zs_model, items, preprocess, num_classes=len(CLASSES),
-                            device=torch.device("cpu"))
+        r = evaluate_folder(
+            zs_model, items, preprocess, num_classes=len(CLASSES), device=torch.device("cpu")
+        )
         zero_shot[key] = {"top1": round(r.top1, 2), "mean_per_class": round(r.mean_per_class, 2)}
-    _log(f"zero-shot top1: source {zero_shot['source']['top1']:.1f}, "
-         f"target test {zero_shot['test']['top1']:.1f}, target val {zero_shot['val']['top1']:.1f}")
+    _log(
+        f"zero-shot top1: source {zero_shot['source']['top1']:.1f}, "
+        f"target test {zero_shot['test']['top1']:.1f}, target val {zero_shot['val']['top1']:.1f}"
+    )
     test_items, _ = scan_labelled(splits.test_dir, list(CLASSES))
     test = _TestSet(test_items, preprocess)
 
@@ -189,10 +260,22 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.variants:
         raw[name] = []
         for i, seed in enumerate(args.seeds):
-            curve_every = args.curve_every if i < args.curve_seeds and args.curve_every > 0 else None
-            raw[name].append(run_variant(name, seed, base=base, splits=splits, run_root=run_root,
-                                         threads=args.threads, workers=args.workers, test=test,
-                                         curve_every=curve_every))
+            curve_every = (
+                args.curve_every if i < args.curve_seeds and args.curve_every > 0 else None
+            )
+            raw[name].append(
+                run_variant(
+                    name,
+                    seed,
+                    base=base,
+                    splits=splits,
+                    run_root=run_root,
+                    threads=args.threads,
+                    workers=args.workers,
+                    test=test,
+                    curve_every=curve_every,
+                )
+            )
     t_runs = time.monotonic() - t_runs
     total = time.monotonic() - t_all
 
@@ -200,27 +283,50 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "shift",
         "description": "tiny CLIP pretrained on clean rendered shapes (source), adapted with MUST to "
-                       "cluttered/noisy/inverted outline shapes (target); top-1 in percent",
+        "cluttered/noisy/inverted outline shapes (target); top-1 in percent",
         "classes": list(CLASSES),
         "templates": list(TEMPLATES),
-        "splits": {"target_adapt_unlabeled": N_ADAPT, "target_val": N_VAL, "target_test": N_TEST,
-                   "source_test": N_SOURCE_TEST},
-        "zero_shot": {**zero_shot["test"], "source_top1": zero_shot["source"]["top1"],
-                      "val_top1": zero_shot["val"]["top1"]},
+        "splits": {
+            "target_adapt_unlabeled": N_ADAPT,
+            "target_val": N_VAL,
+            "target_test": N_TEST,
+            "source_test": N_SOURCE_TEST,
+        },
+        "zero_shot": {
+            **zero_shot["test"],
+            "source_top1": zero_shot["source"]["top1"],
+            "val_top1": zero_shot["val"]["top1"],
+        },
         "runs": {name: {**summarise(rs), "overrides": VARIANTS[name]} for name, rs in raw.items()},
         "seeds": args.seeds,
         "engine_config": default_cfg,
-        "pretrain": {k: info[k] for k in ("seconds", "steps", "source_heldout_zero_shot_top1",
-                                          "num_params", "num_visual_params", "settings", "stages")},
-        "wall_seconds": {"data": round(t_data, 1), "runs": round(t_runs, 1), "total": round(total, 1),
-                         "pretrain_when_not_cached": round(info["seconds"], 1),
-                         "pretrain_cached": bool(info["cached"])},
+        "pretrain": {
+            k: info[k]
+            for k in (
+                "seconds",
+                "steps",
+                "source_heldout_zero_shot_top1",
+                "num_params",
+                "num_visual_params",
+                "settings",
+                "stages",
+            )
+        },
+        "wall_seconds": {
+            "data": round(t_data, 1),
+            "runs": round(t_runs, 1),
+            "total": round(total, 1),
+            "pretrain_when_not_cached": round(info["seconds"], 1),
+            "pretrain_cached": bool(info["cached"]),
+        },
         "threads": args.threads,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
     }
-    for name, rs in raw.items():
-        _log(f"{name}: top1 {result['runs'][name]['top1_mean']:.2f} ± {result['runs'][name]['top1_std']:.2f}"
-             f" (ema {result['runs'][name]['ema_top1_mean']:.2f})")
+    for name in raw:
+        _log(
+            f"{name}: top1 {result['runs'][name]['top1_mean']:.2f} ± {result['runs'][name]['top1_std']:.2f}"
+            f" (ema {result['runs'][name]['ema_top1_mean']:.2f})"
+        )
     if args.no_write:
         return 0
     from benchmarks.shift.report import write_markdown, write_plots
@@ -230,7 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     result["plots"] = [str(p.name) for p in plots]
     (args.out / "shift.json").write_text(json.dumps(result, indent=1) + "\n")
     write_markdown(result, args.markdown, args.out, plots)
-    _log(f"wrote {args.out / 'shift.json'}, {args.markdown} and {len(plots)} plots; total {total:.0f}s")
+    _log(
+        f"wrote {args.out / 'shift.json'}, {args.markdown} and {len(plots)} plots; total {total:.0f}s"
+    )
     return 0
 
 
