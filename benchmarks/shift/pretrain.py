@@ -250,7 +250,7 @@ def _train_stage(model: CLIP | None, p: dict[str, Any], log: Any) -> tuple[CLIP,
         "steps": total,
         "source_heldout_zero_shot_top1": _zero_shot_acc(model, tok, x_ho, y_ho),
         "final_loss": float(loss.detach()),
-        "logit_scale": float(model.logit_scale.exp()),
+        "logit_scale": float(model.logit_scale.detach().exp()),
         "threads": torch.get_num_threads(),
         "settings": p,
     }
