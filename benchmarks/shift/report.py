@@ -321,7 +321,21 @@ def write_markdown(result: dict[str, Any], md: Path, out: Path, plots: list[Path
         DIAGNOSTICS,
     ]
     md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines))
+    md.write_text(_splice(md.read_text() if md.exists() else "", "\n".join(lines)))
+
+
+_HEADING = "## Domain shift: tiny CLIP on procedurally rendered shapes"
+
+
+def _splice(existing: str, generated: str) -> str:
+    """Replace only this benchmark's section of docs/benchmarks.md; other sections are kept."""
+    section = generated[generated.index(_HEADING) :].rstrip("\n") + "\n"
+    if _HEADING not in existing:
+        return generated if not existing.strip() else existing.rstrip("\n") + "\n\n" + section
+    start = existing.index(_HEADING)
+    nxt = existing.find("\n## ", start + len(_HEADING))
+    tail = "" if nxt < 0 else "\n" + existing[nxt + 1 :]
+    return existing[:start] + section + tail
 
 
 def main() -> None:

@@ -70,3 +70,16 @@ def test_ablations_only_switch_terms_off_and_summary_schema() -> None:
     assert out["top1_std"] == 1.0
     assert {"ema_top1_mean", "mean_per_class_mean", "ema_mean_per_class_std"} <= set(out)
     assert len(out["per_seed"]) == 3
+
+
+def test_markdown_splice_keeps_other_sections() -> None:
+    from benchmarks.shift.report import _HEADING, _splice
+
+    existing = f"# Benchmarks\n\n{_HEADING} (x)\n\nold\n\n## Other\n\nkeep me\n"
+    generated = f"# Benchmarks\n\n{_HEADING} (x)\n\nnew\n"
+    out = _splice(existing, generated)
+    assert "new" in out
+    assert "old" not in out
+    assert out.endswith("## Other\n\nkeep me\n")
+    assert _splice("", generated) == generated
+    assert _splice("# B\n\n## Other\n", generated).startswith("# B\n\n## Other\n\n" + _HEADING)
