@@ -60,3 +60,21 @@ def make_labelled(root: Path, classes: list[str], per_class: int, seed: int = 0)
     for k, name in enumerate(classes):
         write_images(root / name, per_class, seed=seed + k, colour=colours[k % len(colours)])
     return root
+
+
+def save_local_dir(clip: object, folder: Path) -> Path:
+    """Write an open_clip ``local-dir:`` folder (tiny config + these weights) for fixed-weight tests."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads(TINY_CONFIG.read_text())
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": cfg, "preprocess_cfg": {}})
+    )
+    state = clip.state_dict()  # type: ignore[attr-defined]
+    save_file(
+        {k: v.contiguous() for k, v in state.items()}, str(folder / "open_clip_model.safetensors")
+    )
+    return folder

@@ -24,7 +24,7 @@ from must_core.ml.ema import make_teacher
 from must_core.ml.losses import LossWeights
 from must_core.ml.model import MaskedOutput, build_must_model, load_base_model
 from must_core.ml.train import adapt, must_step_losses
-from tests.conftest import make_labelled, write_images
+from tests.conftest import make_labelled, save_local_dir, write_images
 
 CLASSES = ["red", "green", "blue"]
 
@@ -363,21 +363,8 @@ def test_model_loading_errors_are_clear(tmp_path: Path) -> None:
 
 
 def test_local_dir_and_checkpoint_bases_load(tmp_path: Path, tiny_spec) -> None:  # type: ignore[no-untyped-def]
-    import json
-
-    from safetensors.torch import save_file
-
     base = load_base_model(tiny_spec)
-    folder = tmp_path / "tiny-local"
-    folder.mkdir()
-    cfg = json.loads(Path(tiny_spec.config).read_text())
-    (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": cfg, "preprocess_cfg": {}})
-    )
-    save_file(
-        {k: v.contiguous() for k, v in base.clip.state_dict().items()},
-        str(folder / "open_clip_model.safetensors"),
-    )
+    folder = save_local_dir(base.clip, tmp_path / "tiny-local")
     loaded = load_base_model(BaseModelSpec(arch=f"local-dir:{folder}"))
     for k, v in base.clip.state_dict().items():
         assert torch.equal(v, loaded.clip.state_dict()[k]), k

@@ -27,7 +27,7 @@ from must_core.serving.images import (
     decode_base64,
     decode_image,
 )
-from tests.conftest import write_images
+from tests.conftest import save_local_dir, write_images
 
 
 def _png(w: int, h: int, mode: str = "RGB") -> bytes:
@@ -172,23 +172,9 @@ def test_engine_adapted_and_zero_shot_agree_with_engine(tmp_path: Path, tiny_spe
 
 def _local_dir_base(tmp_path: Path, tiny_spec) -> object:  # type: ignore[no-untyped-def]
     """A fixed-weight base model folder, so two loads give identical weights."""
-    import json
-
-    from safetensors.torch import save_file
-
     from must_core.ml.config import BaseModelSpec
 
-    base = load_base_model(tiny_spec)
-    folder = tmp_path / "base"
-    folder.mkdir()
-    cfg = json.loads(Path(tiny_spec.config).read_text())
-    (folder / "open_clip_config.json").write_text(
-        json.dumps({"model_cfg": cfg, "preprocess_cfg": {}})
-    )
-    save_file(
-        {k: v.contiguous() for k, v in base.clip.state_dict().items()},
-        str(folder / "open_clip_model.safetensors"),
-    )
+    folder = save_local_dir(load_base_model(tiny_spec).clip, tmp_path / "base")
     return BaseModelSpec(arch=f"local-dir:{folder}")
 
 
