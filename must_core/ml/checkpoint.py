@@ -10,9 +10,7 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +20,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from must_core.errors import CheckpointError, ModelLoadError
+from must_core.fsutil import atomic_write
 
 FORMAT_VERSION = 1
 INFERENCE_FORMAT = "must-classifier/1"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from must_core.errors import CheckpointError, DatasetError, TrainingDivergedError
+from must_core.fsutil import atomic_write
 from must_core.ml import checkpoint as ckpt
 from must_core.ml.config import BaseModelSpec, MustConfig, ema_schedule_params
 from must_core.ml.data import (
@@ -533,7 +534,7 @@ def adapt(
             logit_scale=cfg.logit_scale,
             extra={**extra, "weights": which},
         )
-    ckpt.atomic_write(
+    atomic_write(
         output_dir / "metrics.json",
         lambda tmp: tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2)),
     )

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import IO
 
+from must_core.fsutil import atomic_write
 from must_core.storage.base import ObjectNotFoundError, StorageError
 
 
@@ -27,30 +27,13 @@ class LocalStore:
         return path
 
     def put_file(self, local_path: Path, key: str) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", dir=dest.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(local_path, tmp)
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self._path(key), lambda tmp: shutil.copyfile(local_path, tmp))
 
     def get_file(self, key: str, local_path: Path) -> None:
         src = self._path(key)
         if not src.is_file():
             raise ObjectNotFoundError(f"object not found: {key}")
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", dir=local_path.parent)
-        os.close(fd)
-        try:
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, local_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(local_path, lambda tmp: shutil.copyfile(src, tmp))
 
     def open_read(self, key: str) -> IO[bytes]:
         src = self._path(key)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -18,6 +16,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectTimeoutError as BotoConnectTimeout
 
+from must_core.fsutil import atomic_write
 from must_core.storage.base import ObjectNotFoundError, StorageError, TransientStorageError
 
 _TRANSIENT = (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, BotoConnectTimeout)
@@ -96,18 +95,13 @@ class S3Store:
             raise
 
     def get_file(self, key: str, local_path: Path) -> None:
-        local_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{local_path.name}.", dir=local_path.parent)
-        os.close(fd)
         try:
-            self.client.download_file(self.bucket, self._key(key), tmp)
-            os.replace(tmp, local_path)
+            atomic_write(
+                local_path,
+                lambda tmp: self.client.download_file(self.bucket, self._key(key), str(tmp)),
+            )
         except (BotoCoreError, ClientError) as exc:
-            Path(tmp).unlink(missing_ok=True)
             raise translate(exc, f"download {key}") from exc
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
 
     def open_read(self, key: str) -> IO[bytes]:
         try:
