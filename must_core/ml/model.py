@@ -248,6 +248,16 @@ class MustModel(nn.Module):
     def num_layers(self) -> int:
         return len(self.visual.transformer.resblocks)
 
+    @torch.no_grad()
+    def init_mask_token_from_images(self, x: torch.Tensor) -> None:
+        """Set the mask token to the mean patch embedding (``conv1`` output) of images ``x`` [B, 3, H, W].
+
+        A deviation from the reference's random init (see ``MustConfig.mask_token_init``).
+        """
+        conv = self.visual.conv1
+        tokens = conv(x.to(device=conv.weight.device, dtype=conv.weight.dtype))  # [B, W, g, g]
+        self.mask_token_embedding.copy_(tokens.mean(dim=(0, 2, 3)).view(1, 1, -1))
+
     def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encoder output S [B, N+1, W] with masked patch embeddings replaced by the mask token."""
         v = self.visual

@@ -28,6 +28,8 @@ from must_core.ml.config import BaseModelSpec, MustConfig, ema_schedule_params
 from must_core.ml.data import (
     EpochSampler,
     MustTrainDataset,
+    eval_transform,
+    load_image,
     require_images,
     scan_images,
     strong_transform,
@@ -48,6 +50,7 @@ from must_core.ml.masking import MaskGenerator
 from must_core.ml.model import (
     MaskedOutput,
     MustModel,
+    Preprocess,
     build_must_model,
     load_base_model,
     resolve_mask_patch_size,
@@ -147,6 +150,24 @@ def must_step_losses(
         "conf_ratio": confident.float().mean(),
     }
     return loss, parts, fair_state
+
+
+def _init_mask_token(model: MustModel, files: list[Path], preprocess: Preprocess) -> None:
+    """Mask token := mean patch embedding of up to 256 evenly spaced unlabeled images (eval view).
+
+    Files that fail to decode are skipped here (the loader counts and reports them later); with no
+    decodable file the random init stays.
+    """
+    tf = eval_transform(preprocess)
+    stride = max(1, len(files) // 256)
+    xs = []
+    for path in files[::stride][:256]:
+        try:
+            xs.append(tf(load_image(path)))
+        except Exception as exc:  # any undecodable file is skipped, as in the loader
+            _logger.debug("mask-token init skips %s: %s", path, exc)
+    if xs:
+        model.init_mask_token_from_images(torch.stack(xs))
 
 
 def select_device(cfg: MustConfig) -> torch.device:
@@ -266,6 +287,8 @@ def adapt(
     model = build_must_model(base, class_names, templates, logit_scale=cfg.logit_scale)
     preprocess, model_cfg = base.preprocess, base.model_cfg
     del base  # drop the text tower (spec §1.1.6)
+    if cfg.mask_token_init == "data_mean" and cfg.mask_ratio > 0:  # noqa: S105 - not a secret
+        _init_mask_token(model, scan.files, preprocess)
     mask_patch = resolve_mask_patch_size(model, cfg.mask_patch_size)
     masks = MaskGenerator(model.image_size, mask_patch, model.patch_size, cfg.mask_ratio)
     if cfg.grad_checkpointing:

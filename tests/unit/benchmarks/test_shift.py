@@ -47,7 +47,14 @@ def test_augment_keeps_shape_and_is_seeded() -> None:
 
 def test_ablations_only_switch_terms_off_and_summary_schema() -> None:
     allowed = {"mim_weight", "align_weight", "fair_weight", "mask_ratio"}
-    assert set(VARIANTS) == {"must", "no_mim", "no_align", "no_fair", "self_training_only"}
+    assert set(VARIANTS) == {
+        "must",
+        "no_mim",
+        "no_align",
+        "no_fair",
+        "no_mask",
+        "self_training_only",
+    }
     assert VARIANTS["must"] == {}
     assert all(set(v) <= allowed and all(x == 0 for x in v.values()) for v in VARIANTS.values())
     runs = [

@@ -417,3 +417,37 @@ def test_strong_view_survives_maximum_randaugment_magnitude(tiny_spec) -> None: 
     random.seed(0)
     for _ in range(30):
         assert tf(img).shape == (3, 32, 32)
+
+
+def test_mask_token_starts_at_the_mean_patch_embedding(tmp_path: Path, tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    from must_core.ml.data import eval_transform, load_image
+    from must_core.ml.train import _init_mask_token
+
+    data = tmp_path / "d"
+    good = write_images(data, 6, seed=3)
+    (data / "broken.png").write_bytes(b"not an image")
+    torch.manual_seed(0)  # as adapt() does before building the model (random tiny weights)
+    base = load_base_model(tiny_spec)
+    model = build_must_model(base, CLASSES, ["a photo of a {}."])
+    _init_mask_token(model, sorted(data.iterdir()), base.preprocess)  # the broken file is skipped
+    tf = eval_transform(base.preprocess)
+    with torch.no_grad():
+        x = torch.stack([tf(load_image(p)) for p in good])
+        expected = model.visual.conv1(x).mean(dim=(0, 2, 3))
+    assert torch.allclose(model.mask_token_embedding.view(-1), expected, atol=1e-6)
+
+    # wired into adapt(): with a vanishing lr the student's token stays at that init ("data_mean",
+    # the default), while "random" keeps the reference's N(0, 0.02²) init
+    tokens = {}
+    for init in ("data_mean", "random"):
+        adapt(
+            _cfg(lr=1e-12, min_lr=0.0, epochs=1, mask_token_init=init),
+            images_dir=data,
+            class_names=CLASSES,
+            output_dir=tmp_path / init,
+            base_model=tiny_spec,
+        )
+        state = load_training_checkpoint(tmp_path / init / "last.pt")
+        tokens[init] = state["student"]["mask_token_embedding"].view(-1)
+    assert torch.allclose(tokens["data_mean"], expected, atol=1e-4)
+    assert float(tokens["random"].std()) < 0.05 < float((tokens["random"] - expected).abs().max())
