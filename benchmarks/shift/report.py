@@ -263,6 +263,16 @@ def _service_section(out: Path, rel: str) -> list[str]:
     ]
 
 
+def _invocation_text(inv: dict[str, Any]) -> str:
+    w = inv.get("wall_seconds") or {}
+    return (
+        f"`{inv['command']}` ran {inv['runs_done']} adaptation runs "
+        f"({inv.get('jobs', 1)} in parallel, {inv.get('threads')} torch thread(s) each"
+        + (f", {inv['runs_reused']} finished runs reused" if inv.get("runs_reused") else "")
+        + f") in {w.get('runs', 0) / 60:.1f} min, {w.get('total', 0) / 60:.1f} min in total"
+    )
+
+
 def _vit_desc() -> str:
     from benchmarks.shift.pretrain import MODEL_CFG
 
@@ -344,23 +354,17 @@ def write_markdown(result: dict[str, Any], md: Path, out: Path, plots: list[Path
         "",
         f"![final accuracy]({rel}/shift_final.png)",
         "",
-        "Wall time of the documented run "
-        f"({result['threads']} torch threads, {result['machine']}; the 2 cores were shared with other "
-        f"jobs, so these are upper bounds): adaptation runs {wall['runs'] / 60:.1f} min, total "
-        f"{wall['total'] / 60:.1f} min with the cache "
-        f"{'warm' if wall['pretrain_cached'] else 'cold'}; pretraining of the cached model took "
-        f"{wall['pretrain_when_not_cached'] / 60:.1f} min on 2 threads"
-        + (
-            f"; a separate cold rerun of the pretraining on 2 threads took "
-            f"{wall['pretrain_cold_rerun'] / 60:.1f} min."
-            if "pretrain_cold_rerun" in wall
-            else "."
-        ),
+        "Wall time on this 2-core machine (cache warm unless noted; other work may have shared "
+        "the cores, so these are upper bounds): "
+        + "; ".join(_invocation_text(i) for i in result.get("invocations", []))
+        + f". Pretraining the tiny CLIP (cold) took {wall['pretrain_when_not_cached'] / 60:.1f} min "
+        "on 2 threads.",
         "",
         "Rerun (from the repository root; regenerates data and the tiny CLIP when `.cache/shift/` is empty):",
         "",
         "```bash",
-        "python -m benchmarks.shift.run            # --threads 2 --seeds 0 1 2 by default",
+        "python -m benchmarks.shift.run                     # 5 variants x seeds 0 1 2, 2 parallel runs",
+        "python -m benchmarks.shift.run --variants no_mask  # the extra ablation (other runs reused)",
         "```",
         "",
         "Raw numbers, per-seed results and the exact engine config: "

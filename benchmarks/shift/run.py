@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -248,6 +249,38 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _earlier_invocations(path: Path, result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Wall-time records of the earlier invocation whose runs this table reuses.
+
+    They are carried over from the previous shift.json only when every per-seed number it reports
+    for a variant of this table is identical here (so the times belong to these very runs).
+    """
+    if not result["runs_reused"] or not path.exists():
+        return []
+    prev = json.loads(path.read_text())
+    fields = ("seed", "top1", "ema_top1", "mean_per_class", "steps")
+    for name, r in prev.get("runs", {}).items():
+        if name not in result["runs"]:
+            return []
+        now = [{k: x.get(k) for k in fields} for x in result["runs"][name]["per_seed"]]
+        then = [{k: x.get(k) for k in fields} for x in r["per_seed"]]
+        if now != then:
+            return []
+    if "invocations" in prev:
+        return list(prev["invocations"])
+    return [
+        {
+            "command": "python -m benchmarks.shift.run",
+            "variants": list(prev.get("runs", {})),
+            "runs_done": sum(len(r["per_seed"]) for r in prev.get("runs", {}).values()),
+            "runs_reused": 0,
+            "jobs": prev.get("jobs", 2),
+            "threads": prev.get("threads"),
+            "wall_seconds": prev.get("wall_seconds"),
+        }
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (default 1)")
@@ -449,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             "pretrain_cached": bool(info["cached"]),
         },
         "threads": args.threads,
+        "jobs": args.jobs,
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
     }
     for name in raw:
@@ -462,6 +496,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     result["runs_reused"] = sorted(f"{n}_seed{sd}" for n, sd in reused)
+    this = {
+        "command": " ".join(["python -m benchmarks.shift.run", *(argv or sys.argv[1:])]).strip(),
+        "runs_done": len(tasks),
+        "runs_reused": len(reused),
+        "jobs": args.jobs,
+        "threads": args.threads,
+        "wall_seconds": result["wall_seconds"],
+    }
+    result["invocations"] = [*_earlier_invocations(args.out / "shift.json", result), this]
     (args.out / "shift.json").write_text(json.dumps(result, indent=1) + "\n")  # before the plots
     plots = write_plots(raw, result, args.out)
     result["plots"] = [str(p.name) for p in plots]
