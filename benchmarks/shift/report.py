@@ -33,6 +33,13 @@ def _plt() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def write_plots(
     raw: dict[str, list[dict[str, Any]]], result: dict[str, Any], out: Path
 ) -> list[Path]:
@@ -66,11 +73,7 @@ def write_plots(
         title="Confident ratio (mean over seeds)",
     )
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    p = out / "shift_accuracy.png"
-    fig.savefig(p, dpi=80)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(plt, fig, out / "shift_accuracy.png"))
 
     # 2. Losses vs step (mean over seeds), one panel per loss term.
     keys = ["loss", "st", "fair", "mim", "align"]
@@ -92,11 +95,7 @@ def write_plots(
         ax.set(title=titles[key], xlabel="step")
     axes[0].legend(fontsize=7)
     fig.suptitle("Training losses (unweighted terms, mean over seeds)", fontsize=10)
-    fig.tight_layout()
-    p = out / "shift_losses.png"
-    fig.savefig(p, dpi=80)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(plt, fig, out / "shift_losses.png"))
 
     # 3. Final top-1 per variant with std over seeds.
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -125,11 +124,7 @@ def write_plots(
     ax.set_xticks(list(xs), [LABELS[n] for n in names], fontsize=8)
     ax.set(ylabel="target test top-1 (%)", title="Final accuracy (mean ± std over seeds)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out / "shift_final.png"
-    fig.savefig(p, dpi=80)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(plt, fig, out / "shift_final.png"))
     return paths
 
 

@@ -90,3 +90,35 @@ def test_markdown_splice_keeps_other_sections() -> None:
     assert out.endswith("## Other\n\nkeep me\n")
     assert _splice("", generated) == generated
     assert _splice("# B\n\n## Other\n", generated).startswith("# B\n\n## Other\n\n" + _HEADING)
+
+
+def test_plots_are_written_from_run_results(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from benchmarks.shift.report import write_plots
+
+    def run(seed: int) -> dict[str, object]:
+        history = [
+            {
+                "step": s,
+                "conf_ratio": 0.9,
+                "loss": 1.0,
+                "st": 0.5,
+                "fair": 2.3,
+                "mim": 1.0,
+                "align": 0.1,
+            }
+            for s in (10, 20)
+        ]
+        curve = [{"step": 0, "top1": 50.0, "ema_top1": 50.0}] if seed == 0 else []
+        return {"seed": seed, "top1": 52.0 + seed, "mean_per_class": 52.0, "ema_top1": 51.0,
+                "ema_mean_per_class": 51.0, "steps": 20, "seconds": 1.0, "history": history,
+                "curve": curve, "config": {}}  # fmt: skip
+
+    raw = {"must": [run(0), run(1)], "no_mask": [run(0), run(1)]}
+    result = {"zero_shot": {"top1": 50.0}, "runs": {n: summarise(rs) for n, rs in raw.items()}}
+    paths = write_plots(raw, result, tmp_path)  # type: ignore[arg-type]
+    assert [p.name for p in paths] == ["shift_accuracy.png", "shift_losses.png", "shift_final.png"]
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "PNG" and min(im.size) > 100
