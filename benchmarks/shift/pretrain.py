@@ -68,7 +68,9 @@ STAGES: tuple[dict[str, Any], ...] = (
     {
         "name": "stage2",
         "clean": False,
-        "num_pairs": 24_000,
+        # 48k pairs (24k until the third session): source held-out zero-shot 85.5 -> 93.3 %, and
+        # 10-NN on the target validation features 67.2 -> 71.8 %.
+        "num_pairs": 48_000,
         "epochs": 6,
         "batch_size": 128,
         "lr": 5e-4,
@@ -76,6 +78,8 @@ STAGES: tuple[dict[str, Any], ...] = (
         "warmup_steps": 50,
         "seed": 1235,
         "augment": True,
+        # Half of the batches' images get 10-40 % of their 16 px blocks flattened (erase_blocks).
+        "erase_p": 0.5,
         "logit_scale": "anneal_to_100",
     },
 )
@@ -98,7 +102,7 @@ def _to_tensor(images: list[Any]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment(x: torch.Tensor, gen: torch.Generator, erase_p: float = 0.0) -> torch.Tensor:
     """Cheap batch augmentation that keeps captions true: small affine jitter, brightness/contrast,
     blur and pixel noise (normalised tensors). CLIP's web pretraining makes its features robust to
     such nuisances; without it the tiny model is brittle to anything but pristine renders."""
@@ -127,7 +131,25 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = x.clone()
         x[blur] = xb
     noise = (torch.rand(b, generator=gen) < 0.5).float() * u(0.0, 0.35)
-    return x + torch.randn(x.shape, generator=gen) * noise.view(b, 1, 1, 1)
+    x = x + torch.randn(x.shape, generator=gen) * noise.view(b, 1, 1, 1)
+    if erase_p > 0:
+        x = erase_blocks(x, gen, erase_p)
+    return x
+
+
+@torch.no_grad()
+def erase_blocks(x: torch.Tensor, gen: torch.Generator, p: float, block: int = 16) -> torch.Tensor:
+    """Flatten random ``block``-px squares of a share ``p`` of the images to the image's mean colour
+    (10-40 % of the blocks each). A web-scale CLIP tolerates missing patches; a 3-block ViT trained
+    on pristine renders does not, and MUST trains its student on masked views."""
+    b, _, h, w = x.shape
+    gh, gw = h // block, w // block
+    ratio = torch.rand(b, 1, 1, generator=gen) * 0.3 + 0.1
+    chosen = (torch.rand(b, 1, 1, generator=gen) < p).float()
+    m = (torch.rand(b, gh, gw, generator=gen) < ratio).float() * chosen
+    m = m.repeat_interleave(block, 1).repeat_interleave(block, 2).unsqueeze(1)  # [B, 1, H, W]
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    return x * (1 - m) + mean * m
 
 
 @torch.no_grad()
@@ -229,7 +251,7 @@ def _train_stage(model: CLIP | None, p: dict[str, Any], log: Any) -> tuple[CLIP,
                 frac = min(1.0, step / (0.7 * total))
                 with torch.no_grad():
                     model.logit_scale.fill_(scale0 + frac * (math.log(100.0) - scale0))
-            xb = augment(x_tr[idx], gen) if p["augment"] else x_tr[idx]
+            xb = augment(x_tr[idx], gen, p.get("erase_p", 0.0)) if p["augment"] else x_tr[idx]
             out = model(xb, t_tr[idx])
             loss = loss_fn(out["image_features"], out["text_features"], out["logit_scale"])
             opt.zero_grad(set_to_none=True)

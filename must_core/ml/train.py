@@ -306,7 +306,7 @@ def adapt(
         fused=device.type == "cuda",
     )
     base_lr, final_lr = scaled_lrs(cfg.lr, cfg.min_lr, batch_size)
-    d_init, d_final, warm = ema_schedule_params(cfg)
+    d_init, d_final, warm = ema_schedule_params(cfg, total_steps)
     weights = LossWeights(fair=cfg.fair_weight, mim=cfg.mim_weight, align=cfg.align_weight)
     use_ma_fair = model.num_classes >= cfg.fair_moving_average_min_classes
 

@@ -122,3 +122,53 @@ def test_plots_are_written_from_run_results(tmp_path: Path) -> None:
     for p in paths:
         with Image.open(p) as im:
             assert im.format == "PNG" and min(im.size) > 100
+
+
+def test_erase_blocks_flattens_whole_blocks_to_the_image_mean() -> None:
+    from benchmarks.shift.pretrain import erase_blocks
+
+    x = torch.randn(8, 3, IMAGE_SIZE, IMAGE_SIZE)
+    y = erase_blocks(x, torch.Generator().manual_seed(0), p=1.0)
+    changed = (y != x).any(1)  # [B, H, W]
+    assert changed.any()
+    for b in range(8):
+        blocks = changed[b].reshape(4, 16, 4, 16).permute(0, 2, 1, 3).reshape(16, -1)
+        # every 16 px block is erased as a whole or not at all, 10-40 % of blocks at most 16
+        assert all(bool(r.all()) or not bool(r.any()) for r in blocks)
+        mean = x[b].mean(dim=(1, 2))
+        assert torch.allclose(y[b][:, changed[b]], mean[:, None].expand(3, int(changed[b].sum())))
+    assert torch.equal(erase_blocks(x, torch.Generator().manual_seed(0), p=0.0), x)
+
+
+def test_target_style_is_part_of_the_data_stamp(tmp_path: Path) -> None:
+    from benchmarks.shift.data import TargetStyle, style_key
+
+    assert style_key() == style_key(TargetStyle())
+    assert style_key(TargetStyle(hatch_p=0.1)) != style_key()
+    write_target(tmp_path, n_adapt=10, n_val=10, n_test=10, seed=1)
+    first = (tmp_path / ".complete").read_text()
+    write_target(tmp_path, n_adapt=10, n_val=10, n_test=10, seed=1, style=TargetStyle(hatch_p=0.1))
+    assert (tmp_path / ".complete").read_text() != first
+
+
+def test_diagnostics_helpers() -> None:
+    from benchmarks.shift.diagnose import knn, linear_probe, parse_run, prior_corrected
+
+    assert parse_run("default=") == ("default", {})
+    assert parse_run("x=lr=1e-4;strong_crop_scale=[0.8, 1.0];device=cpu") == (
+        "x",
+        {"lr": 1e-4, "strong_crop_scale": [0.8, 1.0], "device": "cpu"},
+    )
+    # A constant bias towards class 0 is removed without labels.
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(10).repeat(30)
+    logits = torch.nn.functional.one_hot(y, 10).float() * 3 + torch.randn(300, 10, generator=g)
+    logits[:, 0] += 4
+    assert (logits.argmax(-1) == y).float().mean() < 0.5
+    fixed = prior_corrected(logits).argmax(-1)
+    assert (fixed == y).float().mean() > 0.8
+    # Well-separated clusters: both labelled references are perfect.
+    centres = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=-1)
+    feats = torch.nn.functional.normalize(centres[y] + 0.05 * torch.randn(300, 16, generator=g), dim=-1)
+    assert knn(feats, y) == 100.0
+    assert linear_probe(feats, y) == 100.0

@@ -390,6 +390,31 @@ def test_config_validation_and_presets() -> None:
     _d0, d1, warm = ema_schedule_params(c)
     assert warm == 8000 and d1 == pytest.approx(0.9998**0.25)
     assert ema_schedule_params(make_config("imagenet_vit_b16")) == (0.999, 0.9998, 2000)
+    # Presets keep the reference (no horizon cap, crop scale 0.3) even for short runs.
+    assert ema_schedule_params(make_config("imagenet_vit_b16"), total_steps=100) == (
+        0.999,
+        0.9998,
+        2000,
+    )
+    assert make_config("dtd_vit_b16").strong_crop_scale == (0.3, 1.0)
+
+
+def test_ema_horizon_caps_the_teacher_time_constant_on_short_runs() -> None:
+    from must_core.ml.config import ema_schedule_params
+
+    c = make_config(batch_size=64)  # generic defaults: ema_horizon 0.1
+    assert c.ema_horizon == 0.1 and c.strong_crop_scale == (0.8, 1.0)
+    d0, d1, warm = ema_schedule_params(c, total_steps=400)
+    cap = 1 - 1 / (0.1 * 400)  # time constant 40 steps
+    assert d0 == pytest.approx(cap) and d1 == pytest.approx(cap) and warm == 1600
+    # Long runs keep the batch-scaled schedule wherever it is already faster than the cap.
+    d0, d1, _ = ema_schedule_params(c, total_steps=10_000_000)
+    assert d0 == pytest.approx(0.99 ** (64 / 1024)) and d1 == pytest.approx(0.9998 ** (64 / 1024))
+    # 0 switches the cap off (the reference); without total_steps nothing is capped.
+    off = make_config(batch_size=64, ema_horizon=0)
+    assert ema_schedule_params(off, total_steps=400) == ema_schedule_params(c)
+    with pytest.raises(InvalidConfigError, match="ema_horizon"):
+        make_config(ema_horizon=-1)
 
 
 def test_mask_patch_default_and_validation(tiny_spec) -> None:  # type: ignore[no-untyped-def]
