@@ -157,8 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--run", action="append", default=[], metavar="NAME=k=v;...")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--n-adapt", type=int, default=0, help="unlabeled images (default: the benchmark's)")
-    ap.add_argument("--style", default="", help='target style overrides as JSON, e.g. {"noise": [0, 4]}')
+    ap.add_argument(
+        "--n-adapt", type=int, default=0, help="unlabeled images (default: the benchmark's)"
+    )
+    ap.add_argument(
+        "--style", default="", help='target style overrides as JSON, e.g. {"noise": [0, 4]}'
+    )
     args = ap.parse_args(argv)
 
     from must_core.ml.config import BaseModelSpec
@@ -184,9 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         root = args.cache / "diag_runs"
-        with ProcessPoolExecutor(
-            max_workers=args.jobs, mp_context=mp.get_context("spawn")
-        ) as pool:
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=mp.get_context("spawn")) as pool:
             futs = [
                 pool.submit(_one_run, n, o, base, splits.adapt_dir, splits.val_dir, root)
                 for n, o in runs

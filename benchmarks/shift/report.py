@@ -171,9 +171,7 @@ def _verdict(result: dict[str, Any]) -> str:
         f"adapted student reaches {must['top1_mean']:.1f} ± {must['top1_std']:.1f} % against "
         f"{zs:.1f} % zero-shot ({gain:+.1f} points; the criterion is +10 on every seed); the EMA "
         f"teacher reaches {must['ema_top1_mean']:.1f} %. The best variant is `{best[0]}` "
-        f"({best[1]['top1_mean']:.1f} %)."
-        + _leave_one_out(result)
-        + " See the diagnostics below."
+        f"({best[1]['top1_mean']:.1f} %)." + _leave_one_out(result) + " See the diagnostics below."
     )
 
 
@@ -237,7 +235,18 @@ validation split: 10-NN 67.2 → 71.8 %, linear probe 65.6 → 70.6 %, prior-cor
 (zero-shot 53.9 %). The final defaults then gave 67.4 / 67.5 % (seeds 0 / 1) here, and the table above
 on the test split. On the final model, one change reverted at a time:
 
-{FINAL_ROWS}
+| overrides (final model; zero-shot 53.9 %) | student | EMA |
+|---|---|---|
+| none (**the defaults**; seed 1: 67.5 / 67.5) | **67.4** | **67.4** |
+| `lr=2e-5` | 64.6 | 64.7 |
+| `fair_weight=1` | 62.9 | 63.0 |
+| `ema_horizon=0` (the reference's slow teacher) | 65.6 | 57.1 |
+| `strong_crop_scale=(0.3, 1)` | 64.1 | 64.1 |
+| all four reverted (the reference's modal settings) | 57.9 | 54.0 |
+| `mask_token_init=random` (the reference's mask token) | 61.6 | 61.5 |
+
+Each change is worth 1.8–4.5 points on its own, and together they are worth 9.5. The data-mean mask
+token (second session) is still worth 5.8.
 """
 
 

@@ -169,6 +169,8 @@ def test_diagnostics_helpers() -> None:
     assert (fixed == y).float().mean() > 0.8
     # Well-separated clusters: both labelled references are perfect.
     centres = torch.nn.functional.normalize(torch.randn(10, 16, generator=g), dim=-1)
-    feats = torch.nn.functional.normalize(centres[y] + 0.05 * torch.randn(300, 16, generator=g), dim=-1)
+    feats = torch.nn.functional.normalize(
+        centres[y] + 0.05 * torch.randn(300, 16, generator=g), dim=-1
+    )
     assert knn(feats, y) == 100.0
     assert linear_probe(feats, y) == 100.0

@@ -274,8 +274,10 @@ def test_interrupt_and_resume_matches_uninterrupted_run(tmp_path: Path, tiny_spe
     final_part = load_training_checkpoint(done.checkpoint_path)
     for key in ("student", "ema"):
         for name, t in final_full[key].items():
-            # same run up to float reassociation (allocation-dependent SIMD paths)
-            assert torch.allclose(t, final_part[key][name], rtol=1e-4, atol=1e-5), (key, name)
+            # Same run up to float reassociation (allocation-dependent SIMD paths). Adam turns a
+            # reassociated near-zero gradient into a step of up to ~lr (3e-6 here) in either
+            # direction, so the tolerance is a few such steps.
+            assert torch.allclose(t, final_part[key][name], rtol=1e-4, atol=5e-5), (key, name)
 
 
 def test_resume_refuses_checkpoint_of_another_run(tmp_path: Path, tiny_spec) -> None:  # type: ignore[no-untyped-def]
