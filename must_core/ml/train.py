@@ -287,7 +287,9 @@ def adapt(
     model = build_must_model(base, class_names, templates, logit_scale=cfg.logit_scale)
     preprocess, model_cfg = base.preprocess, base.model_cfg
     del base  # drop the text tower (spec §1.1.6)
-    if cfg.mask_token_init == "data_mean" and cfg.mask_ratio > 0:  # noqa: S105 - not a secret
+    resuming = resume and ckpt_path.exists()
+    # A resumed run loads the trained token from the checkpoint: no need to decode images for it.
+    if cfg.mask_token_init == "data_mean" and cfg.mask_ratio > 0 and not resuming:  # noqa: S105
         _init_mask_token(model, scan.files, preprocess)
     mask_patch = resolve_mask_patch_size(model, cfg.mask_patch_size)
     masks = MaskGenerator(model.image_size, mask_patch, model.patch_size, cfg.mask_ratio)
@@ -321,7 +323,7 @@ def adapt(
     metrics: dict[str, Any] = {}
     history: list[dict[str, Any]] = []
 
-    if resume and ckpt_path.exists():
+    if resuming:
         state = ckpt.load_training_checkpoint(ckpt_path)
         for key in ("class_names", "templates", "base_model"):
             if state["identity"].get(key) != identity[key]:

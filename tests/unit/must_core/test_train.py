@@ -446,7 +446,9 @@ def test_strong_view_survives_maximum_randaugment_magnitude(tiny_spec) -> None: 
         assert tf(img).shape == (3, 32, 32)
 
 
-def test_mask_token_starts_at_the_mean_patch_embedding(tmp_path: Path, tiny_spec) -> None:  # type: ignore[no-untyped-def]
+def test_mask_token_starts_at_the_mean_patch_embedding(  # type: ignore[no-untyped-def]
+    tmp_path: Path, tiny_spec, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from must_core.ml.data import eval_transform, load_image
     from must_core.ml.train import _init_mask_token
 
@@ -478,3 +480,28 @@ def test_mask_token_starts_at_the_mean_patch_embedding(tmp_path: Path, tiny_spec
         tokens[init] = state["student"]["mask_token_embedding"].view(-1)
     assert torch.allclose(tokens["data_mean"], expected, atol=1e-4)
     assert float(tokens["random"].std()) < 0.05 < float((tokens["random"] - expected).abs().max())
+
+    # A resumed run takes the token from its checkpoint and decodes no images for the init.
+    import must_core.ml.train as train_mod
+
+    calls = []
+    real_init = train_mod._init_mask_token
+    monkeypatch.setattr(train_mod, "_init_mask_token", lambda *a: calls.append(1) or real_init(*a))
+    resumed = adapt(
+        _cfg(lr=1e-12, min_lr=0.0, epochs=1, mask_token_init="data_mean"),
+        images_dir=data,
+        class_names=CLASSES,
+        output_dir=tmp_path / "data_mean",
+        base_model=tiny_spec,
+    )
+    assert resumed.status == "completed" and calls == []
+    state = load_training_checkpoint(tmp_path / "data_mean" / "last.pt")
+    assert torch.equal(state["student"]["mask_token_embedding"].view(-1), tokens["data_mean"])
+    adapt(
+        _cfg(lr=1e-12, min_lr=0.0, epochs=1, mask_token_init="data_mean"),
+        images_dir=data,
+        class_names=CLASSES,
+        output_dir=tmp_path / "fresh",
+        base_model=tiny_spec,
+    )
+    assert calls == [1]  # a fresh run does initialise it
