@@ -50,14 +50,15 @@ def parse_run(spec: str) -> tuple[str, dict[str, Any]]:
 
 @torch.no_grad()
 def _features(model: Any, folder: Path, preprocess: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    from must_core.ml.data import eval_transform, load_image, scan_labelled
+    """Unit-norm image features and labels of a labelled folder (images decoded once by _TestSet)."""
+    from benchmarks.shift.run import _TestSet
+    from must_core.ml.data import scan_labelled
 
     items, _ = scan_labelled(folder, list(CLASSES))
-    tf = eval_transform(preprocess)
-    x = torch.stack([tf(load_image(p)) for p, _ in items])
-    y = torch.tensor([label for _, label in items])
+    data = _TestSet(items, preprocess)
+    x = data.x
     feats = torch.cat([model.features(x[i : i + 256]) for i in range(0, len(x), 256)])
-    return feats.float(), y
+    return feats.float(), data.y
 
 
 def prior_corrected(logits: torch.Tensor, iters: int = 500) -> torch.Tensor:
