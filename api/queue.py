@@ -6,8 +6,8 @@ import logging
 
 from celery import Celery
 
-from must_core.jobs import names
 from must_core.jobs.broker import celery_config
+from must_core.jobs.dispatch import send_run_job
 from must_core.settings import Settings
 
 _logger = logging.getLogger(__name__)
@@ -19,16 +19,8 @@ class JobQueue:
         self.app = Celery("must-api")
         self.app.conf.update(celery_config(settings))
 
-    def send_job(self, job_id: str) -> None:
-        w = self.settings.worker
-        self.app.send_task(
-            names.RUN_JOB,
-            args=[job_id],
-            queue=w.queue,
-            expires=w.requeue_queued_after_s,
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.2},
-        )
+    def send_job(self, job_id: str, processes: int = 1) -> None:
+        send_run_job(self.app.send_task, self.settings, job_id, processes)
 
     def depth(self) -> int:
         """Messages waiting in the training queue (passive declare: works on Redis and the

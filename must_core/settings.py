@@ -9,6 +9,8 @@ are the same. ``must_core.ml`` never reads settings.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -72,6 +74,13 @@ class WorkerSettings(BaseModel):
         None, ge=0, le=64
     )  # data-loader processes; None: engine default
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    # GPUs this worker may give one job (one DDP rank each); None: count them with nvidia-smi.
+    num_gpus: int | None = Field(None, ge=0, le=64)
+    # Training processes one job may use here; None: num_gpus on a GPU machine, else 1. A worker
+    # consumes the queue of every count up to this (see must_core.jobs.dispatch).
+    max_processes_per_job: int | None = Field(None, ge=1, le=64)
+    # After a stop request (cancel, lost claim) the trainer checkpoints and exits; killed after this.
+    stop_grace_s: float = Field(60.0, gt=0)
     work_dir: Path | None = (
         None  # scratch space for datasets and checkpoints; None: <data_dir>/work
     )
@@ -87,6 +96,31 @@ class WorkerSettings(BaseModel):
     retry_backoff_s: int = Field(10, ge=1)  # first retry delay (exponential, jittered)
     soft_time_limit_s: int | None = Field(None, ge=1)  # per job; None: unlimited
     time_limit_s: int | None = Field(None, ge=1)
+
+    @property
+    def gpus(self) -> int:
+        return self.num_gpus if self.num_gpus is not None else _count_gpus()
+
+    @property
+    def max_processes(self) -> int:
+        if self.max_processes_per_job is not None:
+            return self.max_processes_per_job
+        return max(1, self.gpus)
+
+
+def _count_gpus() -> int:
+    """GPUs visible to this process, without initialising CUDA (a forked child must not inherit it)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return 0
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
 class ApiSettings(BaseModel):

@@ -1,6 +1,9 @@
-"""The Celery app. Start with ``celery -A worker.app worker -Q <MUST_WORKER__QUEUE>``.
+"""The Celery app. Start with ``celery -A worker.app worker -Q <MUST_WORKER__QUEUE>,default``.
 
-Run one worker process per GPU: ``--pool=prefork --concurrency=1 --max-tasks-per-child=1``.
+Run one worker process per GPU node: ``--pool=prefork --concurrency=1 --max-tasks-per-child=1``. The
+worker also consumes the multi-process queues its GPUs can serve (``gpu.x2`` …, see
+:mod:`must_core.jobs.dispatch`). Tasks (``worker.tasks``) and signal handlers (``worker.signals``)
+are declared without importing this module back; it imports them once to register them.
 """
 
 from __future__ import annotations
@@ -22,10 +25,9 @@ def create_celery() -> Celery:
             "options": {"queue": "default", "expires": settings.worker.sweep_interval_s},
         }
     }
-    app.conf.include = ["worker.tasks"]
+    app.conf.include = ["worker.tasks", "worker.signals"]
     return app
 
 
 app = create_celery()
-
-from worker import signals, tasks  # noqa: E402,F401  (register tasks and signal handlers)
+app.loader.import_default_modules()  # registers tasks and signal handlers (app.conf.include)

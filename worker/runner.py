@@ -1,9 +1,10 @@
 """Run one adaptation job end to end. Callable without Celery (tests, debugging).
 
 Life of an attempt: claim (conditional UPDATE) → heartbeat thread → fetch dataset/base model →
-download the last checkpoint from storage if any (resume) → ``adapt`` with throttled progress writes,
-checkpoint uploads and a ``should_stop`` that reads the cancel flag → upload the model → one final
-commit (model row + ``succeeded``).
+download the last checkpoint from storage if any (resume) → the trainer runs as a child process group
+(:mod:`worker.training`) while this thread relays its progress (throttled writes), uploads its finished
+checkpoints in the background and turns the cancel flag into a stop request → upload the model → one
+final commit (model row + ``succeeded``).
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from must_core.datasets.fetch import fetch_dataset
 from must_core.db.models import AdaptedModel
 from must_core.db.session import session_scope
-from must_core.errors import MustError
+from must_core.errors import InvalidConfigError, MustError
 from must_core.jobs import queries
 from must_core.jobs.base_models import resolve_base_model
+from must_core.jobs.dispatch import job_processes
 from must_core.jobs.states import JobStatus
 from must_core.logging import bind
+from must_core.ml.launch import LaunchSpec
 from must_core.settings import Settings
 from must_core.storage import ArtifactStore, checkpoint_key, metrics_key, model_key
 from must_core.storage.base import TransientStorageError
 from must_core.storage.factory import make_s3_client_from_settings
+from worker.training import CheckpointUploader, TrainingProcess
 
 _logger = logging.getLogger(__name__)
+CHECKPOINT_NAME = "last.pt"  # must_core.ml.train's name for it (not imported: no torch here)
 
 
 class TransientJobError(Exception):
@@ -116,9 +121,6 @@ class JobRunner:
 
     # ---- the job ---------------------------------------------------------------------------------
     def _run(self, state: _Attempt, work: Path) -> str:
-        from must_core.ml.config import make_config
-        from must_core.ml.train import adapt
-
         with session_scope(self.sessions) as s:
             job = queries.load_job(s, state.job_id)
             assert job is not None
@@ -126,6 +128,17 @@ class JobRunner:
             ckpt_step = job.checkpoint_step
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
+        launch, processes = self._prepare(state, spec, work, ckpt_step)
+        resumed_from = ckpt_step if (work / "output" / CHECKPOINT_NAME).exists() else None
+        result = self._train(state, work / "run", launch, processes)
+        return self._finish(state, spec, result, resumed_from)
+
+    def _prepare(
+        self, state: _Attempt, spec: dict[str, Any], work: Path, ckpt_step: int | None
+    ) -> tuple[LaunchSpec, int]:
+        """Fetch dataset/eval set/base model, build the config, fetch the last checkpoint if any."""
+        from must_core.ml.config import make_config
+
         policy = self.settings.datasets
 
         def s3_client() -> Any:
@@ -136,107 +149,123 @@ class JobRunner:
         eval_dir = None
         if spec.get("eval_dataset_uri"):
             eval_dir = fetch_dataset(spec["eval_dataset_uri"], work / "eval", policy, s3_client)
-        bm = spec.get("base_model") or {}
-        base = resolve_base_model(bm, work / "base", self.settings)
+        base = resolve_base_model(spec.get("base_model") or {}, work / "base", self.settings)
         params = dict(spec.get("params") or {})
         preset = params.pop("preset", None)
+        processes = job_processes(spec)
         w = self.settings.worker
+        if processes > w.max_processes:
+            raise InvalidConfigError(
+                f"the job asks for {processes} training processes; this worker runs at most "
+                f"{w.max_processes}",
+            )
         cfg = make_config(
             preset,
             **params,
             device=w.device,
-            num_threads=self.settings.worker_threads,
+            num_threads=max(1, self.settings.worker_threads // processes),
             num_workers=w.num_workers,
             checkpoint_every_steps=w.checkpoint_every_steps,
             progress_every_steps=w.progress_every_steps,
         )
-
         out = work / "output"
         out.mkdir()
-        resumed_from = None
         if self.store.exists(checkpoint_key(state.job_id)):
-            self.store.get_file(checkpoint_key(state.job_id), out / "last.pt")
-            resumed_from = ckpt_step
+            self.store.get_file(checkpoint_key(state.job_id), out / CHECKPOINT_NAME)
             _logger.info("resuming from the stored checkpoint (step %s)", ckpt_step)
             self._write(state, resumed_from_step=ckpt_step)
-
-        def on_progress(event: Any) -> None:
-            now = time.monotonic()
-            final = event.step >= event.total_steps
-            if not final and now - state.last_progress_write < w.progress_write_interval_s:
-                return
-            state.last_progress_write = now
-            self._write(state, progress=_progress(event), metrics=_merge_train(spec, event))
-
-        def on_checkpoint(path: Path, step: int) -> None:
-            if state.lost.is_set():  # another attempt owns the job: never overwrite its checkpoint
-                return
-            self.store.put_file(path, checkpoint_key(state.job_id))
-            self._write(state, checkpoint_step=step)
-
-        def should_stop() -> bool:
-            return state.cancel.is_set() or state.lost.is_set()
-
-        self._write(state, progress={"step": ckpt_step or 0, "fraction": 0.0, "phase": "train"})
-        result = adapt(
-            cfg,
-            images_dir=images,
+        launch = LaunchSpec(
+            config=cfg.model_dump(mode="json"),
+            images_dir=str(images),
             class_names=list(spec["class_names"]),
-            output_dir=out,
-            base_model=base,
+            output_dir=str(out),
+            base_model=base.model_dump(),
             templates=spec.get("templates"),
-            eval_dir=eval_dir,
-            resume=True,
-            on_progress=on_progress,
-            should_stop=should_stop,
-            on_checkpoint=on_checkpoint,
+            eval_dir=str(eval_dir) if eval_dir else None,
         )
-        stats = {
-            "num_images": result.num_images,
-            "num_skipped": result.num_skipped,
-            "skipped_examples": [{"path": p, "reason": r} for p, r in result.skipped[:20]],
-        }
-        progress = {
-            "step": result.step,
-            "total_steps": result.total_steps,
-            "fraction": result.step / result.total_steps if result.total_steps else 0.0,
-            "epoch": (result.history[-1]["epoch"] if result.history else None),
-            "eta_seconds": 0.0 if result.status == "completed" else None,
-            "images_per_second": (
-                result.history[-1]["images_per_second"] if result.history else None
-            ),
-            "phase": "done" if result.status == "completed" else "stopped",
-        }
-        metrics = _json_safe(result.metrics)
-        if result.status == "stopped":
-            if state.lost.is_set() and not state.cancel.is_set():
-                _logger.warning("lost the claim on this job; another attempt owns it now")
-                return "lost"
-            if not state.cancel.is_set():
-                raise MustError(
-                    f"training stopped early at step {result.step}/{result.total_steps}",
-                    code="training_incomplete",
-                )
-            with session_scope(self.sessions) as s:
-                queries.finish_job(
-                    s,
-                    state.job_id,
-                    state.attempt,
-                    JobStatus.CANCELLED,
-                    progress=progress,
-                    metrics=metrics,
-                    dataset_stats=stats,
-                )
-            _logger.info("job cancelled at step %d", result.step)
-            return "cancelled"
+        return launch, processes
 
-        assert result.model_path is not None
-        self.store.put_file(result.model_path, model_key(state.job_id))
+    def _train(
+        self, state: _Attempt, run_dir: Path, launch: LaunchSpec, processes: int
+    ) -> dict[str, Any]:
+        """Run the trainer as a child process group and relay its events until it exits."""
+        w = self.settings.worker
+        threads = max(1, self.settings.worker_threads // processes)
+        proc = TrainingProcess(run_dir, launch, processes, threads)
+        uploader = CheckpointUploader(
+            upload=lambda path: self._upload_checkpoint(state, path),
+            on_uploaded=lambda step: self._write(state, checkpoint_step=step),
+        )
+        self._write(state, progress={"fraction": 0.0, "phase": "train"})
+        proc.start()
+        stop_deadline: float | None = None
+        try:
+            while proc.poll() is None:
+                self._relay(state, proc.events(), uploader)
+                if stop_deadline is None and (state.cancel.is_set() or state.lost.is_set()):
+                    proc.request_stop()
+                    stop_deadline = time.monotonic() + w.stop_grace_s
+                if stop_deadline is not None and time.monotonic() > stop_deadline:
+                    _logger.warning(
+                        "trainer did not stop within %.0fs of the request", w.stop_grace_s
+                    )
+                    proc.kill()
+                    break
+                time.sleep(0.1)
+            self._relay(state, proc.events(), uploader)
+        finally:
+            proc.kill()  # an exception here (time limit, DB) must not leave a trainer behind
+            proc.join_output()
+            uploader.close(drain=not state.lost.is_set())
+        if stop_deadline is not None and proc.poll() != 0:
+            return {"status": "stopped", "killed": True}
+        return proc.outcome()
+
+    def _relay(
+        self, state: _Attempt, events: list[dict[str, Any]], uploader: CheckpointUploader
+    ) -> None:
+        for event in events:
+            if event["type"] == "checkpoint":
+                uploader.submit(Path(event["path"]), int(event["step"]))
+            elif event["type"] == "progress":
+                self._on_progress(state, event)
+
+    def _on_progress(self, state: _Attempt, event: dict[str, Any]) -> None:
+        now = time.monotonic()
+        final = event["step"] >= event["total_steps"]
+        if (
+            not final
+            and now - state.last_progress_write < self.settings.worker.progress_write_interval_s
+        ):
+            return
+        state.last_progress_write = now
+        self._write(state, progress=_progress(event), metrics=_train_metrics(event))
+
+    def _upload_checkpoint(self, state: _Attempt, path: Path) -> None:
+        if state.lost.is_set():  # another attempt owns the job: never overwrite its checkpoint
+            return
+        self.store.put_file(path, checkpoint_key(state.job_id))
+
+    def _finish(
+        self,
+        state: _Attempt,
+        spec: dict[str, Any],
+        result: dict[str, Any],
+        resumed_from: int | None,
+    ) -> str:
+        """Record a stopped run (cancelled/lost) or upload the model and complete the job."""
+        if result["status"] == "stopped":
+            return self._stopped(state, result)
+        stats = _dataset_stats(result)
+        progress = _final_progress(result)
+        metrics = _json_safe(result["metrics"])
+        model_path = Path(result["model_path"])
+        self.store.put_file(model_path, model_key(state.job_id))
         ema_key = None
-        if result.ema_model_path is not None:
+        if result.get("ema_model_path"):
             ema_key = model_key(state.job_id, ema=True)
-            self.store.put_file(result.ema_model_path, ema_key)
-        metrics_file = out / "metrics.json"
+            self.store.put_file(Path(result["ema_model_path"]), ema_key)
+        metrics_file = Path(result["output_dir"]) / "metrics.json"
         if metrics_file.exists():
             self.store.put_file(metrics_file, metrics_key(state.job_id))
         with session_scope(self.sessions) as s:
@@ -246,30 +275,45 @@ class JobRunner:
                 tenant_id=job.tenant_id,
                 job_id=job.id,
                 class_names=list(spec["class_names"]),
-                base_model=dict(bm),
+                base_model=dict(spec.get("base_model") or {}),
                 metrics=metrics,
                 artifact_key=model_key(state.job_id),
                 ema_artifact_key=ema_key,
-                size_bytes=result.model_path.stat().st_size,
+                size_bytes=model_path.stat().st_size,
             )
-            ok = queries.complete_job(
-                s,
-                job,
-                state.attempt,
-                model=model,
-                values={
-                    "progress": progress,
-                    "metrics": metrics,
-                    "dataset_stats": stats,
-                    "resumed_from_step": resumed_from,
-                },
-            )
-            if not ok:
+            values = {
+                "progress": progress,
+                "metrics": metrics,
+                "dataset_stats": stats,
+                "resumed_from_step": resumed_from,
+            }
+            if not queries.complete_job(s, job, state.attempt, model=model, values=values):
                 s.rollback()
                 _logger.warning("claim lost before completion; not recording the model")
                 return "lost"
-        _logger.info("job succeeded: %d steps, model %s", result.step, model.id)
+        _logger.info("job succeeded: %d steps, model %s", result["step"], model.id)
         return "succeeded"
+
+    def _stopped(self, state: _Attempt, result: dict[str, Any]) -> str:
+        if state.lost.is_set() and not state.cancel.is_set():
+            _logger.warning("lost the claim on this job; another attempt owns it now")
+            return "lost"
+        if not state.cancel.is_set():
+            raise MustError(
+                f"training stopped early at step {result.get('step')}/{result.get('total_steps')}",
+                code="training_incomplete",
+            )
+        extra: dict[str, Any] = {}
+        if not result.get("killed"):
+            extra = {
+                "progress": _final_progress(result),
+                "metrics": _json_safe(result["metrics"]),
+                "dataset_stats": _dataset_stats(result),
+            }
+        with session_scope(self.sessions) as s:
+            queries.finish_job(s, state.job_id, state.attempt, JobStatus.CANCELLED, **extra)
+        _logger.info("job cancelled at step %s", result.get("step"))
+        return "cancelled"
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _write(self, state: _Attempt, **values: Any) -> None:
@@ -311,22 +355,40 @@ class JobRunner:
                 _logger.warning("heartbeat failed: %s", exc)
 
 
-def _progress(event: Any) -> dict[str, Any]:
+def _progress(event: dict[str, Any]) -> dict[str, Any]:
+    keys = ("step", "total_steps", "epoch", "fraction", "eta_seconds", "images_per_second")
     return {
-        "step": event.step,
-        "total_steps": event.total_steps,
-        "epoch": event.epoch,
-        "fraction": event.fraction,
-        "eta_seconds": event.eta_seconds,
-        "images_per_second": event.images_per_second,
-        "phase": getattr(event, "phase", "train"),
-        "lr": event.lr,
-        "ema_decay": event.ema_decay,
+        **{k: event.get(k) for k in keys},
+        "phase": event.get("phase", "train"),
+        "lr": event.get("lr"),
+        "ema_decay": event.get("ema_decay"),
     }
 
 
-def _merge_train(spec: dict[str, Any], event: Any) -> dict[str, Any]:
-    return {"train": {**event.losses, "conf_ratio": event.conf_ratio}}
+def _train_metrics(event: dict[str, Any]) -> dict[str, Any]:
+    return {"train": {**event["losses"], "conf_ratio": event["conf_ratio"]}}
+
+
+def _final_progress(result: dict[str, Any]) -> dict[str, Any]:
+    history = result.get("history") or []
+    done = result["status"] == "completed"
+    return {
+        "step": result["step"],
+        "total_steps": result["total_steps"],
+        "fraction": result["step"] / result["total_steps"] if result["total_steps"] else 0.0,
+        "epoch": history[-1]["epoch"] if history else None,
+        "eta_seconds": 0.0 if done else None,
+        "images_per_second": history[-1]["images_per_second"] if history else None,
+        "phase": "done" if done else "stopped",
+    }
+
+
+def _dataset_stats(result: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "num_images": result["num_images"],
+        "num_skipped": result["num_skipped"],
+        "skipped_examples": [{"path": p, "reason": r} for p, r in result["skipped"][:20]],
+    }
 
 
 def _json_safe(value: Any) -> Any:

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from celery.signals import (
+    celeryd_after_setup,
     setup_logging,
     worker_init,
     worker_process_init,
@@ -27,35 +28,45 @@ def _setup_logging(**_: Any) -> None:
     configure(get_settings())
 
 
+@celeryd_after_setup.connect  # type: ignore[untyped-decorator]
+def _consume_multi_process_queues(instance: Any, **_: Any) -> None:
+    """Advertise this worker's GPUs: consume the queue of every job size it can run."""
+    from must_core.jobs.dispatch import worker_queues
+
+    w = get_settings().worker
+    queues = instance.app.amqp.queues
+    if w.queue not in queues.consume_from:
+        return  # a default-queue-only worker runs no training jobs
+    for name in worker_queues(w)[1:]:
+        queues.select_add(name)
+    _logger.info("training queues: %s (GPUs: %d)", ", ".join(worker_queues(w)), w.gpus)
+
+
 @worker_init.connect  # type: ignore[untyped-decorator]
 def _preload(**_: Any) -> None:
-    """Import torch/open_clip once in the parent so each forked child starts fast (no CUDA here)."""
+    """Create the embedded broker's folders. Training runs in its own process (worker.training), so
+    the Celery parent never imports torch."""
     from must_core.jobs.broker import ensure_broker_dirs
 
     ensure_broker_dirs(get_settings())
     os.environ.setdefault("OMP_NUM_THREADS", str(get_settings().worker_threads))
-    import must_core.ml.train  # noqa: F401
 
 
 @worker_process_init.connect  # type: ignore[untyped-decorator]
 def _child_init(**_: Any) -> None:
-    """Fresh DB pool and torch thread count in each pool child (CUDA is never touched here)."""
+    """Fresh DB pool in each pool child; the trainer it starts gets the thread budget."""
     context.reset_after_fork()
-    threads = get_settings().worker_threads
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(get_settings().worker_threads)
 
 
 @worker_ready.connect  # type: ignore[untyped-decorator]
-def _start_sweeper(**_: Any) -> None:
+def _start_sweeper(sender: Any, **_: Any) -> None:
     global _sweeper
     from worker.sweeper import SweeperThread
-    from worker.tasks import send_run_job
+    from worker.tasks import sender as make_sender
 
     settings = get_settings()
-    _sweeper = SweeperThread(settings, context.sessions(), send_run_job)
+    _sweeper = SweeperThread(settings, context.sessions(), make_sender(sender.app))
     _sweeper.start()
     _logger.info(
         "worker ready: queue=%s threads=%d sweeper every %.0fs (stale after %.0fs)",

@@ -21,7 +21,7 @@ _logger = logging.getLogger(__name__)
 
 
 def sweep_once(
-    settings: Settings, sessions: sessionmaker[Session], send: Callable[[str], None]
+    settings: Settings, sessions: sessionmaker[Session], send: Callable[[str, int], None]
 ) -> dict[str, int]:
     from must_core.jobs import queries
 
@@ -32,6 +32,7 @@ def sweep_once(
             s, now=now, stale_after_s=w.stale_after_s, max_attempts=w.max_attempts
         )
         resend = queries.queued_due_for_resend(s, now=now, after_s=w.requeue_queued_after_s)
+        processes = queries.processes_of(s, [*requeued, *resend])
     for job_id in requeued:
         _logger.warning("job %s: worker lost (stale heartbeat); re-queued to resume", job_id)
     for job_id in failed:
@@ -40,7 +41,7 @@ def sweep_once(
         )
     for job_id in [*requeued, *resend]:
         try:
-            send(str(job_id))
+            send(str(job_id), processes.get(job_id, 1))
         except Exception:
             _logger.exception("could not send job %s; will retry on the next sweep", job_id)
     return {"requeued": len(requeued), "failed": len(failed), "resent": len(resend)}
@@ -48,7 +49,7 @@ def sweep_once(
 
 class SweeperThread(threading.Thread):
     def __init__(
-        self, settings: Settings, sessions: sessionmaker[Session], send: Callable[[str], None]
+        self, settings: Settings, sessions: sessionmaker[Session], send: Callable[[str, int], None]
     ) -> None:
         super().__init__(daemon=True, name="must-sweeper")
         self.settings, self.sessions, self.send = settings, sessions, send

@@ -1,25 +1,31 @@
-"""Thin Celery tasks: bind log context, call the runner. Job logic lives in worker.runner."""
+"""Thin Celery tasks: bind log context, call the runner. Job logic lives in worker.runner.
+
+Declared with ``shared_task`` so this module never imports the app (no app ↔ tasks cycle); messages
+are sent only through :func:`must_core.jobs.dispatch.send_run_job`.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from celery import current_app, shared_task
+
 from must_core.jobs import names
+from must_core.jobs.dispatch import send_run_job
 from must_core.settings import get_settings
 from worker import context
-from worker.app import app
 from worker.runner import TransientJobError
 from worker.sweeper import sweep_once
 
 _settings = get_settings()
 
 
-def send_run_job(job_id: str) -> None:
-    w = get_settings().worker
-    app.send_task(names.RUN_JOB, args=[job_id], queue=w.queue, expires=w.requeue_queued_after_s)
+def sender(app: Any) -> Any:
+    """``send(job_id, processes)`` on ``app``'s broker, for the sweeper."""
+    return lambda job_id, processes: send_run_job(app.send_task, get_settings(), job_id, processes)
 
 
-@app.task(  # type: ignore[untyped-decorator]
+@shared_task(  # type: ignore[untyped-decorator]
     name=names.RUN_JOB,
     bind=True,
     acks_late=True,
@@ -36,7 +42,7 @@ def run_job(self: Any, job_id: str) -> str:
     return context.runner().run_job(job_id)
 
 
-@app.task(name=names.SWEEP, ignore_result=True)  # type: ignore[untyped-decorator]
+@shared_task(name=names.SWEEP, ignore_result=True)  # type: ignore[untyped-decorator]
 def sweep_stale_jobs() -> dict[str, int]:
     """Re-queue or fail jobs with a stale heartbeat; re-send queued jobs whose message was lost."""
-    return sweep_once(get_settings(), context.sessions(), send_run_job)
+    return sweep_once(get_settings(), context.sessions(), sender(current_app))

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, status
 
 from api.deps import QueueDep, SessionDep, SettingsDep, TenantDep
 from must_core.jobs import queries
+from must_core.jobs.dispatch import job_processes
 from must_core.jobs.schemas import JobCreate, JobList, JobRead, StatusFilter
 from must_core.jobs.validate import validate_job
 from must_core.jobs.views import job_view
@@ -41,7 +42,7 @@ def submit_job(
     # The row is the truth: commit before sending, so the worker always finds it.
     session.commit()
     try:
-        queue.send_job(str(job.id))
+        queue.send_job(str(job.id), job_processes(spec))
         queries.mark_enqueued(session, job.id)
         session.commit()
     except Exception:

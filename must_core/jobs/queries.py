@@ -270,6 +270,16 @@ def queued_due_for_resend(session: Session, *, now: datetime, after_s: float) ->
     return ids
 
 
+def processes_of(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
+    """Training processes each job asked for (routes its message to a worker that has them)."""
+    from must_core.jobs.dispatch import job_processes
+
+    if not ids:
+        return {}
+    rows = session.execute(select(Job.id, Job.spec).where(Job.id.in_(ids))).all()
+    return {job_id: job_processes(spec or {}) for job_id, spec in rows}
+
+
 # ---- models --------------------------------------------------------------------------------------
 def list_models(
     session: Session, tenant_id: uuid.UUID, *, limit: int, offset: int

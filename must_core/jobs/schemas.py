@@ -34,7 +34,11 @@ class JobParams(BaseModel):
 
     preset: str | None = Field(None, max_length=100)
     epochs: int | None = Field(None, ge=1, le=10_000)
-    batch_size: int | None = Field(None, ge=1, le=4096)
+    batch_size: int | None = Field(None, ge=1, le=65_536)  # global batch per optimizer step
+    # images per forward pass and process; smaller than the per-process share: gradient accumulation
+    micro_batch_size: int | None = Field(None, ge=1, le=4096)
+    # DDP ranks for this job (one GPU each); routed to workers that have that many (queue gpu.xN)
+    num_processes: int | None = Field(None, ge=1, le=64)
     lr: float | None = Field(None, gt=0, le=1.0)
     min_steps: int | None = Field(None, ge=0, le=10_000_000)
     seed: int | None = None

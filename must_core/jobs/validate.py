@@ -17,6 +17,8 @@ RUNTIME_KEYS = frozenset(
         "num_workers",
         "checkpoint_every_steps",
         "progress_every_steps",
+        "stop_check_every_steps",
+        "async_checkpoint",
     }
 )
 

@@ -10,7 +10,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from must_core.errors import CheckpointError, ModelLoadError
 from must_core.fsutil import atomic_write
+
+_logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 INFERENCE_FORMAT = "must-classifier/1"
@@ -78,6 +83,95 @@ def _tensors_to_np_state(d: dict[str, Any]) -> tuple[Any, ...]:
 def save_training_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     payload = {"format_version": FORMAT_VERSION, **payload}
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a checkpoint payload whose tensors live on the CPU and no longer alias training state.
+
+    The only part of a checkpoint that must run on the training thread: after it, training may update
+    the weights in place while the copy is serialised elsewhere.
+    """
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class AsyncCheckpointer:
+    """Writes training checkpoints off the training thread, with at most one write in flight.
+
+    ``save`` snapshots the payload (a CPU copy, on the caller's thread) and serialises it on a
+    background thread with an atomic rename, so a reader (or a kill) only ever sees a complete
+    checkpoint. If the previous write is still running, a periodic save is skipped rather than queued
+    (the next interval saves a newer state); ``wait=True`` (a run's last save) waits for it instead.
+    ``on_written(path, step)`` runs after each completed write, on the writer thread. A failed write is
+    re-raised by the next ``save``/``close``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        on_written: Callable[[Path, int], None] | None = None,
+        *,
+        background: bool = True,
+    ) -> None:
+        self.path = path
+        self.on_written = on_written
+        self.background = background
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.skipped = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def save(self, payload: dict[str, Any], step: int, *, wait: bool = False) -> bool:
+        """Checkpoint ``payload`` as ``step``; False when skipped because a write is in flight."""
+        self._raise_failure()
+        if self.busy and not wait:
+            self.skipped += 1
+            _logger.info(
+                "checkpoint at step %d skipped: the previous one is still being written", step
+            )
+            return False
+        self.wait()
+        copy = snapshot(payload)
+        if not self.background or wait:
+            self._write(copy, step)
+            self._raise_failure()
+            return True
+        self._thread = threading.Thread(
+            target=self._write, args=(copy, step), daemon=True, name="must-checkpoint"
+        )
+        self._thread.start()
+        return True
+
+    def _write(self, payload: dict[str, Any], step: int) -> None:
+        try:
+            save_training_checkpoint(self.path, payload)
+            if self.on_written is not None:
+                self.on_written(self.path, step)
+        except BaseException as exc:  # surfaced on the training thread by the next save/close
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        self.wait()
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
 
 
 def load_training_checkpoint(path: Path) -> dict[str, Any]:

@@ -198,33 +198,52 @@ class EpochSampler(Sampler[int]):
     """Shuffled, drop-last order that is a pure function of (seed, epoch): resumable mid-epoch.
 
     Yields ``epoch * n + index`` so the dataset knows the epoch for per-sample seeding, which keeps
-    augmentation and masks reproducible whatever the number of loader workers.
+    augmentation and masks reproducible whatever the number of loader workers or ranks. With
+    ``world_size`` ranks each global batch of ``batch_size`` is cut into equal contiguous shards and rank
+    ``r`` yields shard ``r``: together the ranks see exactly the batches one process would.
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, start_epoch: int, start_step: int, epochs: int
+        self,
+        n: int,
+        batch_size: int,
+        seed: int,
+        start_epoch: int,
+        start_step: int,
+        epochs: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch {batch_size} does not split into {world_size} shards")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.start_epoch, self.start_step, self.epochs = start_epoch, start_step, epochs
+        self.rank, self.world_size = rank, world_size
 
     @property
     def steps_per_epoch(self) -> int:
         return self.n // self.batch_size
+
+    @property
+    def shard(self) -> int:
+        return self.batch_size // self.world_size
 
     def order(self, epoch: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch_size]
 
     def __iter__(self) -> Iterator[int]:
+        lo = self.rank * self.shard
         for epoch in range(self.start_epoch, self.epochs):
-            order = self.order(epoch)
-            skip = self.start_step * self.batch_size if epoch == self.start_epoch else 0
-            for idx in order[skip:].tolist():
+            batches = self.order(epoch).view(self.steps_per_epoch, self.batch_size)
+            first = self.start_step if epoch == self.start_epoch else 0
+            for idx in batches[first:, lo : lo + self.shard].reshape(-1).tolist():
                 yield epoch * self.n + idx
 
     def __len__(self) -> int:
-        total = (self.epochs - self.start_epoch) * self.steps_per_epoch * self.batch_size
-        return max(0, total - self.start_step * self.batch_size)
+        total = (self.epochs - self.start_epoch) * self.steps_per_epoch - self.start_step
+        return max(0, total * self.shard)
 
 
 class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):

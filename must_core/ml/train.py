@@ -1,8 +1,10 @@
-"""The MUST training loop (spec §0): one process, resumable, label-free, with progress/stop hooks.
+"""The MUST training loop (spec §0): resumable, label-free, with progress/stop hooks.
 
 Entry point: :func:`adapt`. It takes local paths only (the service downloads datasets and base weights
-first) and two plain callables, ``on_progress(ProgressEvent)`` and ``should_stop()``, so it needs no
-queue or web code.
+first) and plain callables (``on_progress``, ``should_stop``, ``on_checkpoint``), so it needs no queue or
+web code. The same loop runs as one process or as DDP ranks under ``torchrun`` (see
+:mod:`must_core.ml.launch`): a :class:`TrainRun` holds the run's state and four phases act on it —
+prepare, restore, train steps, finalize.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from must_core.errors import CheckpointError, DatasetError, TrainingDivergedError
@@ -28,27 +31,21 @@ from must_core.ml.config import BaseModelSpec, MustConfig, ema_schedule_params
 from must_core.ml.data import (
     EpochSampler,
     MustTrainDataset,
+    ScanResult,
     eval_transform,
     load_image,
     require_images,
     scan_images,
+    scan_labelled,
     strong_transform,
     weak_transform,
 )
+from must_core.ml.distributed import BatchLayout, DistContext, batch_layout, rank_device
 from must_core.ml.ema import EmaUpdater, ema_decay, make_teacher
-from must_core.ml.evaluate import EvalResult, evaluate_folder
-from must_core.ml.losses import (
-    LossWeights,
-    align_loss,
-    fairness_batch,
-    fairness_moving_average,
-    mim_loss,
-    self_training_loss,
-    total_loss,
-)
+from must_core.ml.evaluate import evaluate_folder
+from must_core.ml.losses import LossWeights
 from must_core.ml.masking import MaskGenerator
 from must_core.ml.model import (
-    MaskedOutput,
     MustModel,
     Preprocess,
     build_must_model,
@@ -56,6 +53,8 @@ from must_core.ml.model import (
     resolve_mask_patch_size,
 )
 from must_core.ml.optim import build_optimizer, cosine_lr, scaled_lrs, set_lr
+from must_core.ml.step import LOSS_KEYS, GlobalStep, MicroBatch
+from must_core.ml.step import must_step_losses as must_step_losses
 from must_core.ml.templates import DEFAULT_TEMPLATES, validate_class_names, validate_templates
 
 _logger = logging.getLogger(__name__)
@@ -63,7 +62,6 @@ _logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.pt"
 MODEL_NAME = "model.safetensors"
 EMA_MODEL_NAME = "model_ema.safetensors"
-LOSS_KEYS = ("loss", "st", "fair", "mim", "align", "conf_ratio")
 
 
 @dataclass
@@ -105,51 +103,6 @@ class AdaptationResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)  # eval metrics + last training losses
     history: list[dict[str, Any]] = field(default_factory=list)  # progress events
-
-
-def must_step_losses(
-    student: MustModel,
-    teacher: torch.nn.Module,
-    weak: torch.Tensor,
-    strong: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    conf_threshold: float,
-    weights: LossWeights,
-    moving_average_fairness: bool,
-    fair_state: torch.Tensor | None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
-    """One MUST objective evaluation (spec §0, §3). Returns (loss, detached parts, fairness state).
-
-    The teacher sees the unmasked weak view under inference mode; the student sees the masked strong
-    view. No host sync: the confident set is a weight, not a boolean index.
-    """
-    with torch.inference_mode():
-        probs = teacher(weak).float().softmax(-1)
-        conf, pseudo = probs.max(-1)
-        confident = conf > conf_threshold  # strict '>' (spec §3.1)
-    pseudo, confident = pseudo.clone(), confident.clone()  # plain tensors outside inference mode
-
-    out = student(strong, mask)
-    assert isinstance(out, MaskedOutput)
-    l_st = self_training_loss(out.logits, pseudo, confident)
-    p_mean = out.logits.float().softmax(-1).mean(0)
-    if moving_average_fairness:
-        l_fair, fair_state = fairness_moving_average(p_mean, fair_state)
-    else:
-        l_fair = fairness_batch(p_mean)
-    l_mim = mim_loss(out.recon, strong, out.mask_pix)
-    l_align = align_loss(out.align, out.token_mask)
-    loss = total_loss(l_st, l_fair, l_mim, l_align, weights)
-    parts = {
-        "loss": loss.detach(),
-        "st": l_st.detach(),
-        "fair": l_fair.detach(),
-        "mim": l_mim.detach(),
-        "align": l_align.detach(),
-        "conf_ratio": confident.float().mean(),
-    }
-    return loss, parts, fair_state
 
 
 def _init_mask_token(model: MustModel, files: list[Path], preprocess: Preprocess) -> None:
@@ -222,6 +175,92 @@ class _NullHook:
         return False
 
 
+@dataclass
+class RunHooks:
+    """What the caller sees of a run. Called on rank 0 only (``should_stop`` is broadcast)."""
+
+    on_progress: Callable[[ProgressEvent], None] = _NullHook.progress
+    should_stop: Callable[[], bool] = _NullHook.stop
+    on_checkpoint: Callable[[Path, int], None] | None = None
+
+
+@dataclass
+class RunInputs:
+    """The local inputs of a run (see :func:`adapt` for each)."""
+
+    images_dir: Path
+    class_names: list[str]
+    output_dir: Path
+    base_model: BaseModelSpec
+    templates: list[str]
+    eval_dir: Path | None
+    resume: bool
+
+
+@dataclass
+class TrainRun:
+    """Everything a run owns between phases: data, model, optimizer, schedule and loop state."""
+
+    cfg: MustConfig
+    inputs: RunInputs
+    dist: DistContext
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    scan: ScanResult
+    layout: BatchLayout
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    model: MustModel
+    student: torch.nn.Module  # the forward path: DDP wrapper under torchrun, else ``model``
+    teacher: torch.nn.Module
+    ema: EmaUpdater
+    optimizer: torch.optim.Optimizer
+    masks: MaskGenerator
+    preprocess: Preprocess
+    model_cfg: dict[str, Any]
+    identity: dict[str, Any]
+    checkpointer: ckpt.AsyncCheckpointer
+    t_start: float
+    step: int = 0
+    fair_state: torch.Tensor | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_items: list[tuple[Path, int]] | None = None
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.inputs.output_dir / CHECKPOINT_NAME
+
+    @property
+    def n(self) -> int:
+        return len(self.scan.files)
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        return _autocast(self.device, self.amp_dtype)
+
+    def payload(self) -> dict[str, Any]:
+        """The resumable state (tensors still live: the checkpointer snapshots them)."""
+        return {
+            "student": self.model.state_dict(),
+            "ema": self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "total_steps": self.total_steps,
+            "fair_state": self.fair_state,
+            "rng": ckpt.rng_state(),
+            "config": self.cfg.model_dump(mode="json"),
+            "identity": self.identity,
+            "metrics": self.metrics,
+            "history": self.history[-1000:],
+        }
+
+    def save(self, *, wait: bool = False) -> None:
+        """Checkpoint on rank 0; in the background unless ``wait`` (the last one of a run)."""
+        if self.dist.is_main:
+            self.checkpointer.save(self.payload(), self.step, wait=wait)
+
+
 def adapt(
     cfg: MustConfig,
     *,
@@ -235,6 +274,7 @@ def adapt(
     on_progress: Callable[[ProgressEvent], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[Path, int], None] | None = None,
+    dist: DistContext | None = None,
 ) -> AdaptationResult:
     """Adapt a CLIP zero-shot classifier to the unlabeled images in ``images_dir`` with MUST.
 
@@ -250,54 +290,77 @@ def adapt(
         resume: continue from ``output_dir/last.pt`` when it exists (EMA, optimizer, schedule and RNG
             restored).
         on_progress: called with a :class:`ProgressEvent` every ``cfg.progress_every_steps`` steps.
-        should_stop: polled every step; True saves a checkpoint and returns with status "stopped".
-        on_checkpoint: called with (path, step) after each checkpoint is atomically written.
+        should_stop: polled every step (every ``cfg.stop_check_every_steps`` under DDP); True saves a
+            checkpoint and returns with status "stopped".
+        on_checkpoint: called with (path, step) once each checkpoint is completely written (from the
+            checkpoint thread when ``cfg.async_checkpoint``).
+        dist: the process group this rank belongs to (default: one process). Every rank calls
+            ``adapt`` with the same arguments; rank 0 writes the output directory.
 
     Raises:
         MustError subclasses with stable codes (dataset_empty, model_load_failed, invalid_config,
         checkpoint_invalid, training_diverged).
     """
+    hooks = RunHooks(
+        on_progress or _NullHook.progress, should_stop or _NullHook.stop, on_checkpoint
+    )
+    inputs = RunInputs(
+        images_dir=images_dir,
+        class_names=validate_class_names(class_names),
+        output_dir=output_dir,
+        base_model=base_model,
+        templates=validate_templates(list(templates) if templates else list(DEFAULT_TEMPLATES)),
+        eval_dir=eval_dir,
+        resume=resume,
+    )
+    run = prepare(cfg, inputs, dist or DistContext(), hooks)
+    try:
+        if inputs.resume and run.ckpt_path.exists():
+            restore(run)
+        evaluate_zero_shot(run)
+        stopped = train_steps(run, hooks)
+        return finalize(run, stopped)
+    finally:
+        run.checkpointer.close()
+
+
+# ---- phase 1: prepare --------------------------------------------------------------------------------
+def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHooks) -> TrainRun:
+    """Scan the data, size the schedule, build student/teacher/optimizer at the zero-shot init."""
     t_start = time.monotonic()
-    progress = on_progress or _NullHook.progress
-    stop = should_stop or _NullHook.stop
-    class_names = validate_class_names(class_names)
-    templates = validate_templates(list(templates) if templates else list(DEFAULT_TEMPLATES))
     apply_threads(cfg)
-    device = select_device(cfg)
-    amp_dtype = autocast_dtype(cfg, device)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = output_dir / CHECKPOINT_NAME
-
-    # ---- data ------------------------------------------------------------------------------
-    scan = scan_images(images_dir)
-    require_images(scan, images_dir)
-    n = len(scan.files)
-    batch_size = min(cfg.batch_size, n)
-    if batch_size < cfg.batch_size:
-        _logger.warning("only %d images: batch size reduced from %d", n, cfg.batch_size)
-        cfg = cfg.model_copy(update={"batch_size": batch_size})
-    steps_per_epoch = n // batch_size
+    device = rank_device(dist, select_device(cfg))
+    if dist.is_main:
+        inputs.output_dir.mkdir(parents=True, exist_ok=True)
+    scan = scan_images(inputs.images_dir)
+    require_images(scan, inputs.images_dir)
+    cfg, layout = _fit_batch(cfg, len(scan.files), dist.world_size)
+    steps_per_epoch = len(scan.files) // layout.global_batch
     total_steps = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
-    epochs = math.ceil(total_steps / steps_per_epoch)
 
-    # ---- model (zero-shot init) -------------------------------------------------------------
     # Seed first: random-weight bases (tests, benchmarks) and the mask-token init are then reproducible.
     torch.manual_seed(cfg.seed)
-    base = load_base_model(base_model)
-    model = build_must_model(base, class_names, templates, logit_scale=cfg.logit_scale)
+    base = load_base_model(inputs.base_model)
+    model = build_must_model(
+        base, inputs.class_names, inputs.templates, logit_scale=cfg.logit_scale
+    )
     preprocess, model_cfg = base.preprocess, base.model_cfg
     del base  # drop the text tower (spec §1.1.6)
-    resuming = resume and ckpt_path.exists()
+    resuming = inputs.resume and (inputs.output_dir / CHECKPOINT_NAME).exists()
     # A resumed run loads the trained token from the checkpoint: no need to decode images for it.
     if cfg.mask_token_init == "data_mean" and cfg.mask_ratio > 0 and not resuming:  # noqa: S105
         _init_mask_token(model, scan.files, preprocess)
-    mask_patch = resolve_mask_patch_size(model, cfg.mask_patch_size)
-    masks = MaskGenerator(model.image_size, mask_patch, model.patch_size, cfg.mask_ratio)
+    masks = MaskGenerator(
+        model.image_size,
+        resolve_mask_patch_size(model, cfg.mask_patch_size),
+        model.patch_size,
+        cfg.mask_ratio,
+    )
     if cfg.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)
     model.to(device)
+    student = _wrap_ddp(model, dist, device)  # DDP broadcasts rank 0's weights to every rank
     teacher = make_teacher(model)
-    ema = EmaUpdater(teacher, model)
     optimizer = build_optimizer(
         model,
         model.num_layers,
@@ -307,260 +370,345 @@ def adapt(
         eps=cfg.eps,
         fused=device.type == "cuda",
     )
-    base_lr, final_lr = scaled_lrs(cfg.lr, cfg.min_lr, batch_size)
-    d_init, d_final, warm = ema_schedule_params(cfg, total_steps)
-    weights = LossWeights(fair=cfg.fair_weight, mim=cfg.mim_weight, align=cfg.align_weight)
-    use_ma_fair = model.num_classes >= cfg.fair_moving_average_min_classes
-
     identity = {
-        "class_names": class_names,
-        "templates": templates,
-        "base_model": base_model.model_dump(),
-        "num_images": n,
+        "class_names": inputs.class_names,
+        "templates": inputs.templates,
+        "base_model": inputs.base_model.model_dump(),
+        "num_images": len(scan.files),
     }
-    step = 0
-    fair_state: torch.Tensor | None = None
-    metrics: dict[str, Any] = {}
-    history: list[dict[str, Any]] = []
+    return TrainRun(
+        cfg=cfg,
+        inputs=inputs,
+        dist=dist,
+        device=device,
+        amp_dtype=autocast_dtype(cfg, device),
+        scan=scan,
+        layout=layout,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=math.ceil(total_steps / steps_per_epoch),
+        model=model,
+        student=student,
+        teacher=teacher,
+        ema=EmaUpdater(teacher, model),
+        optimizer=optimizer,
+        masks=masks,
+        preprocess=preprocess,
+        model_cfg=model_cfg,
+        identity=identity,
+        checkpointer=ckpt.AsyncCheckpointer(
+            inputs.output_dir / CHECKPOINT_NAME,
+            on_written=hooks.on_checkpoint,
+            background=cfg.async_checkpoint,
+        ),
+        t_start=t_start,
+    )
 
-    if resuming:
-        state = ckpt.load_training_checkpoint(ckpt_path)
-        for key in ("class_names", "templates", "base_model"):
-            if state["identity"].get(key) != identity[key]:
-                raise CheckpointError(
-                    f"checkpoint {ckpt_path} belongs to a different run ({key} differs); "
-                    "use another output directory or resume=False"
-                )
-        model.load_state_dict(state["student"])
-        teacher.load_state_dict(state["ema"])  # the reference forgot this (spec §10.3)
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        fair_state = state.get("fair_state")
-        if fair_state is not None:
-            fair_state = fair_state.to(device)
-        metrics = dict(state.get("metrics", {}))
-        history = list(state.get("history", []))
-        ckpt.set_rng_state(state["rng"])
-        if state["identity"].get("num_images") != n:
-            _logger.warning(
-                "dataset changed since the checkpoint (%s → %d images); continuing",
-                state["identity"].get("num_images"),
-                n,
+
+def _fit_batch(cfg: MustConfig, n: int, world_size: int) -> tuple[MustConfig, BatchLayout]:
+    """The global batch split over ranks and micro-batches; smaller datasets shrink the batch."""
+    batch = cfg.batch_size
+    if n < batch:
+        batch = max(world_size, n // world_size * world_size)
+        _logger.warning(
+            "only %d images: batch size reduced from %d to %d", n, cfg.batch_size, batch
+        )
+        cfg = cfg.model_copy(update={"batch_size": batch})
+    micro = cfg.micro_batch_size
+    if micro is not None:  # a shrunk batch keeps the largest micro-batch that still divides it
+        micro = math.gcd(batch // world_size, micro)
+    return cfg, batch_layout(batch, world_size, micro)
+
+
+def _wrap_ddp(model: MustModel, dist: DistContext, device: torch.device) -> torch.nn.Module:
+    if not dist.enabled:
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+# ---- phase 2: restore --------------------------------------------------------------------------------
+def restore(run: TrainRun) -> None:
+    """Continue from ``last.pt``: weights, EMA, optimizer, step, fairness state, metrics, RNG."""
+    state = ckpt.load_training_checkpoint(run.ckpt_path)
+    for key in ("class_names", "templates", "base_model"):
+        if state["identity"].get(key) != run.identity[key]:
+            raise CheckpointError(
+                f"checkpoint {run.ckpt_path} belongs to a different run ({key} differs); "
+                "use another output directory or resume=False"
             )
-        _logger.info("resumed from %s at step %d/%d", ckpt_path, step, total_steps)
+    run.model.load_state_dict(state["student"])
+    run.teacher.load_state_dict(state["ema"])  # the reference forgot this (spec §10.3)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.step = int(state["step"])
+    fair_state = state.get("fair_state")
+    run.fair_state = fair_state.to(run.device) if fair_state is not None else None
+    run.metrics = dict(state.get("metrics", {}))
+    run.history = list(state.get("history", []))
+    ckpt.set_rng_state(state["rng"])
+    if state["identity"].get("num_images") != run.n:
+        _logger.warning(
+            "dataset changed since the checkpoint (%s → %d images); continuing",
+            state["identity"].get("num_images"),
+            run.n,
+        )
+    _logger.info("resumed from %s at step %d/%d", run.ckpt_path, run.step, run.total_steps)
 
-    # ---- optional zero-shot eval (before any update) -------------------------------------------
-    eval_items = None
-    if eval_dir is not None:
-        from must_core.ml.data import scan_labelled
 
-        eval_items, eval_scan = scan_labelled(eval_dir, class_names)
-        metrics["eval_num_images"] = len(eval_items)
-        metrics["eval_num_skipped"] = eval_scan.num_skipped
-        if "zero_shot" not in metrics:
-            zs = evaluate_folder(
-                model,
-                eval_items,
-                preprocess,
-                num_classes=model.num_classes,
-                device=device,
-                batch_size=cfg.eval_batch_size,
-                amp_dtype=amp_dtype,
-                num_workers=0,
-            )
-            metrics["zero_shot"] = zs.to_dict()
+# ---- evaluation (rank 0; the other ranks wait) ----------------------------------------------------------
+def evaluate_zero_shot(run: TrainRun) -> None:
+    """Zero-shot accuracy on the labelled eval folder, once per run (before any update)."""
+    if run.inputs.eval_dir is None:
+        return
+    run.eval_items, eval_scan = scan_labelled(run.inputs.eval_dir, run.inputs.class_names)
+    run.metrics["eval_num_images"] = len(run.eval_items)
+    run.metrics["eval_num_skipped"] = eval_scan.num_skipped
+    if "zero_shot" not in run.metrics and run.dist.is_main:
+        run.metrics["zero_shot"] = _evaluate(run, run.model)
+    run.dist.barrier()
 
-    def save(step_now: int) -> None:
-        payload = {
-            "student": model.state_dict(),
-            "ema": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step_now,
-            "total_steps": total_steps,
-            "fair_state": fair_state,
-            "rng": ckpt.rng_state(),
-            "config": cfg.model_dump(mode="json"),
-            "identity": identity,
-            "metrics": metrics,
-            "history": history[-1000:],
-        }
-        ckpt.save_training_checkpoint(ckpt_path, payload)
-        if on_checkpoint is not None:
-            on_checkpoint(ckpt_path, step_now)
 
-    # ---- loader ----------------------------------------------------------------------------
-    start_epoch, start_in_epoch = divmod(step, steps_per_epoch)
-    sampler = EpochSampler(n, batch_size, cfg.seed, start_epoch, start_in_epoch, epochs)
+def _evaluate(run: TrainRun, net: torch.nn.Module) -> dict[str, Any]:
+    assert run.eval_items is not None
+    res = evaluate_folder(
+        net,
+        run.eval_items,
+        run.preprocess,
+        num_classes=run.model.num_classes,
+        device=run.device,
+        batch_size=run.cfg.eval_batch_size,
+        amp_dtype=run.amp_dtype,
+        num_workers=0,
+    )
+    return res.to_dict()
+
+
+# ---- phase 3: train steps ---------------------------------------------------------------------------
+def _make_loader(run: TrainRun) -> DataLoader[Any]:
+    cfg = run.cfg
+    start_epoch, start_in_epoch = divmod(run.step, run.steps_per_epoch)
+    sampler = EpochSampler(
+        run.n,
+        run.layout.global_batch,
+        cfg.seed,
+        start_epoch,
+        start_in_epoch,
+        run.epochs,
+        rank=run.dist.rank,
+        world_size=run.dist.world_size,
+    )
     dataset = MustTrainDataset(
-        scan.files,
-        weak_transform(preprocess),
+        run.scan.files,
+        weak_transform(run.preprocess),
         strong_transform(
-            preprocess,
+            run.preprocess,
             cfg.strong_crop_scale,
             cfg.randaug_num_ops,
             cfg.randaug_magnitude,
             cfg.randaug_magnitude_std,
         ),
-        masks,
+        run.masks,
         seed=cfg.seed,
-        draft_size=preprocess.image_size * 2,
+        draft_size=run.preprocess.image_size * 2,
     )
-    workers = _loader_workers(cfg, device)
-    loader = DataLoader(
+    workers = _loader_workers(cfg, run.device)
+    return DataLoader(
         dataset,
-        batch_size=batch_size,
+        batch_size=run.layout.micro_batch,
         sampler=sampler,
         drop_last=True,
         num_workers=workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=run.device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
 
-    # ---- loop ------------------------------------------------------------------------------
-    model.train()
-    acc = torch.zeros(len(LOSS_KEYS), device=device)  # on-device sums: no per-step host sync
-    acc_steps = 0
-    interval_t0 = time.monotonic()
-    stopped = False
-    lr_now, d_now = base_lr, d_init
-    batches: Iterator[Any] = iter(loader)
-    while step < total_steps:
-        if stop():
-            stopped = True
-            break
+
+def _next_global_batch(run: TrainRun, batches: Iterator[Any]) -> list[MicroBatch] | None:
+    """The rank's ``accum_steps`` micro-batches of the next step, on the device (None: exhausted)."""
+    micro = []
+    for _ in range(run.layout.accum_steps):
         try:
             weak, strong, mask = next(batches)
         except StopIteration:  # sampler exhausted (cannot happen unless the dataset shrank)
-            break
-        weak = weak.to(device, non_blocking=True)
-        strong = strong.to(device, non_blocking=True)
-        mask = mask.to(device, non_blocking=True)
-        if step % steps_per_epoch == 0:
-            fair_state = None  # the reference resets the moving average every epoch
-        lr_now = cosine_lr(step, total_steps, base_lr, final_lr)
-        set_lr(optimizer, lr_now)
-        d_now = ema_decay(step, d_init, d_final, warm)
-
-        with _autocast(device, amp_dtype):
-            loss, parts, fair_state = must_step_losses(
-                model,
-                teacher,
-                weak,
-                strong,
-                mask,
-                conf_threshold=cfg.conf_threshold,
-                weights=weights,
-                moving_average_fairness=use_ma_fair,
-                fair_state=fair_state,
-            )
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[no-untyped-call]
-        optimizer.step()
-        ema.update(d_now)
-        step += 1
-
-        with torch.no_grad():
-            acc += torch.stack([parts[k] for k in LOSS_KEYS])
-        acc_steps += 1
-
-        last = step == total_steps
-        if step % cfg.progress_every_steps == 0 or last:
-            values = (acc / acc_steps).tolist()  # the one host sync per interval
-            if not all(math.isfinite(v) for v in values):
-                raise TrainingDivergedError(
-                    f"non-finite loss at step {step}: "
-                    + ", ".join(f"{k}={v}" for k, v in zip(LOSS_KEYS, values, strict=True))
-                )
-            now = time.monotonic()
-            ips = acc_steps * batch_size / max(now - interval_t0, 1e-9)
-            event = ProgressEvent(
-                step=step,
-                total_steps=total_steps,
-                epoch=(step - 1) // steps_per_epoch,
-                losses=dict(zip(LOSS_KEYS[:5], values[:5], strict=True)),
-                conf_ratio=values[5],
-                lr=lr_now,
-                ema_decay=d_now,
-                images_per_second=ips,
-                eta_seconds=(total_steps - step) * batch_size / max(ips, 1e-9),
-            )
-            history.append(event.to_dict())
-            metrics["train"] = {**event.losses, "conf_ratio": event.conf_ratio}
-            progress(event)
-            acc.zero_()
-            acc_steps = 0
-            interval_t0 = now
-        if step % cfg.checkpoint_every_steps == 0 and not last:
-            save(step)
-
-    del loader, batches
-
-    def result(status: Literal["completed", "stopped"], paths: dict[str, Path]) -> AdaptationResult:
-        return AdaptationResult(
-            status=status,
-            step=step,
-            total_steps=total_steps,
-            output_dir=output_dir,
-            checkpoint_path=ckpt_path,
-            model_path=paths.get("student"),
-            ema_model_path=paths.get("ema"),
-            num_images=n,
-            num_skipped=scan.num_skipped,
-            skipped=scan.skipped,
-            metrics=metrics,
-            history=history,
+            return None
+        micro.append(
+            tuple(t.to(run.device, non_blocking=True) for t in (weak, strong, mask))  # type: ignore[misc]
         )
+    return micro
 
-    if stopped or step < total_steps:
-        save(step)
-        _logger.info("stopped at step %d/%d; checkpoint %s", step, total_steps, ckpt_path)
-        return result("stopped", {})
 
-    # ---- final eval + export ------------------------------------------------------------------
-    model.eval()
-    if eval_items is not None:
-        for name, net in (("adapted", model), ("adapted_ema", teacher)):
-            res: EvalResult = evaluate_folder(
-                net,
-                eval_items,
-                preprocess,
-                num_classes=model.num_classes,
-                device=device,
-                batch_size=cfg.eval_batch_size,
-                amp_dtype=amp_dtype,
-                num_workers=0,
+def _stop_requested(run: TrainRun, hooks: RunHooks) -> bool:
+    """Single process: every step. DDP: rank 0 decides every few steps and every rank follows."""
+    if not run.dist.enabled:
+        return hooks.should_stop()
+    if run.step % run.cfg.stop_check_every_steps:
+        return False
+    return run.dist.any(run.dist.is_main and hooks.should_stop(), run.device)
+
+
+def train_steps(run: TrainRun, hooks: RunHooks) -> bool:
+    """Run optimizer steps until the schedule ends or a stop is requested. Returns True if stopped."""
+    cfg = run.cfg
+    base_lr, final_lr = scaled_lrs(cfg.lr, cfg.min_lr, run.layout.global_batch)
+    d_init, d_final, warm = ema_schedule_params(cfg, run.total_steps)
+    step_fn = GlobalStep(
+        student=run.student,
+        model=run.model,
+        teacher=run.teacher,
+        layout=run.layout,
+        dist=run.dist,
+        conf_threshold=cfg.conf_threshold,
+        weights=LossWeights(fair=cfg.fair_weight, mim=cfg.mim_weight, align=cfg.align_weight),
+        moving_average_fairness=run.model.num_classes >= cfg.fair_moving_average_min_classes,
+        autocast=run.autocast,
+    )
+    loader = _make_loader(run)
+    batches: Iterator[Any] = iter(loader)
+    meter = _IntervalMeter(run)
+    run.model.train()
+    stopped = False
+    while run.step < run.total_steps:
+        if _stop_requested(run, hooks):
+            stopped = True
+            break
+        micro = _next_global_batch(run, batches)
+        if micro is None:
+            break
+        if run.step % run.steps_per_epoch == 0:
+            run.fair_state = None  # the reference resets the moving average every epoch
+        lr_now = cosine_lr(run.step, run.total_steps, base_lr, final_lr)
+        set_lr(run.optimizer, lr_now)
+        d_now = ema_decay(run.step, d_init, d_final, warm)
+        run.optimizer.zero_grad(set_to_none=True)
+        shares, run.fair_state = step_fn(micro, run.fair_state)
+        run.optimizer.step()
+        run.ema.update(d_now)
+        run.step += 1
+        meter.add(shares)
+        last = run.step == run.total_steps
+        if run.step % cfg.progress_every_steps == 0 or last:
+            meter.emit(hooks, lr_now, d_now)
+        if run.step % cfg.checkpoint_every_steps == 0 and not last:
+            run.save()
+    del loader, batches
+    return stopped or run.step < run.total_steps
+
+
+class _IntervalMeter:
+    """Loss sums kept on the device; one all-reduce and one host sync per progress interval."""
+
+    def __init__(self, run: TrainRun) -> None:
+        self.run = run
+        self.acc = torch.zeros(len(LOSS_KEYS), device=run.device)
+        self.steps = 0
+        self.t0 = time.monotonic()
+
+    def add(self, shares: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.acc += shares
+        self.steps += 1
+
+    def emit(self, hooks: RunHooks, lr_now: float, d_now: float) -> None:
+        run = self.run
+        values = (run.dist.all_reduce_sum(self.acc) / self.steps).tolist()
+        if not all(math.isfinite(v) for v in values):
+            raise TrainingDivergedError(
+                f"non-finite loss at step {run.step}: "
+                + ", ".join(f"{k}={v}" for k, v in zip(LOSS_KEYS, values, strict=True))
             )
-            metrics[name] = res.to_dict()
-    metrics["total_steps"] = total_steps
-    metrics["num_images"] = n
-    metrics["num_skipped"] = scan.num_skipped
-    metrics["train_seconds"] = time.monotonic() - t_start
-    save(step)
+        now = time.monotonic()
+        ips = self.steps * run.layout.global_batch / max(now - self.t0, 1e-9)
+        event = ProgressEvent(
+            step=run.step,
+            total_steps=run.total_steps,
+            epoch=(run.step - 1) // run.steps_per_epoch,
+            losses=dict(zip(LOSS_KEYS[:5], values[:5], strict=True)),
+            conf_ratio=values[5],
+            lr=lr_now,
+            ema_decay=d_now,
+            images_per_second=ips,
+            eta_seconds=(run.total_steps - run.step) * run.layout.global_batch / max(ips, 1e-9),
+        )
+        run.history.append(event.to_dict())
+        run.metrics["train"] = {**event.losses, "conf_ratio": event.conf_ratio}
+        if run.dist.is_main:
+            hooks.on_progress(event)
+        self.acc.zero_()
+        self.steps = 0
+        self.t0 = now
+
+
+# ---- phase 4: finalize --------------------------------------------------------------------------------
+def finalize(run: TrainRun, stopped: bool) -> AdaptationResult:
+    """Stopped: save and return. Completed: final eval, last checkpoint, exports (rank 0)."""
+    if stopped:
+        run.save(wait=True)
+        _logger.info(
+            "stopped at step %d/%d; checkpoint %s", run.step, run.total_steps, run.ckpt_path
+        )
+        return _result(run, "stopped", {})
+    run.model.eval()
+    if run.eval_items is not None and run.dist.is_main:
+        for name, net in (("adapted", run.model), ("adapted_ema", run.teacher)):
+            run.metrics[name] = _evaluate(run, net)
+    run.metrics["total_steps"] = run.total_steps
+    run.metrics["num_images"] = run.n
+    run.metrics["num_skipped"] = run.scan.num_skipped
+    run.metrics["train_seconds"] = time.monotonic() - run.t_start
+    run.save(wait=True)
+    paths = _export(run) if run.dist.is_main else {}
+    run.dist.barrier()
+    return _result(run, "completed", paths)
+
+
+def _export(run: TrainRun) -> dict[str, Path]:
+    cfg, out = run.cfg, run.inputs.output_dir
     extra = {
         "config": cfg.model_dump(mode="json"),
-        "base_model": base_model.model_dump(),
-        "templates": templates,
-        "steps": step,
+        "base_model": run.inputs.base_model.model_dump(),
+        "templates": run.inputs.templates,
+        "steps": run.step,
     }
-    exports: list[tuple[str, torch.nn.Module, str]] = [("student", model, MODEL_NAME)]
+    exports: list[tuple[str, torch.nn.Module, str]] = [("student", run.model, MODEL_NAME)]
     if cfg.export_ema:
-        exports.append(("ema", teacher, EMA_MODEL_NAME))
+        exports.append(("ema", run.teacher, EMA_MODEL_NAME))
     paths: dict[str, Path] = {}
     for which, net, filename in exports:
-        paths[which] = output_dir / filename
+        paths[which] = out / filename
         ckpt.export_classifier(
             paths[which],
             net.state_dict(),
-            class_names=class_names,
-            preprocess=preprocess.to_dict(),
-            model_cfg=model_cfg,
+            class_names=run.inputs.class_names,
+            preprocess=run.preprocess.to_dict(),
+            model_cfg=run.model_cfg,
             logit_scale=cfg.logit_scale,
             extra={**extra, "weights": which},
         )
+    history = run.history
     atomic_write(
-        output_dir / "metrics.json",
-        lambda tmp: tmp.write_text(json.dumps({"metrics": metrics, "history": history}, indent=2)),
+        out / "metrics.json",
+        lambda tmp: tmp.write_text(
+            json.dumps({"metrics": run.metrics, "history": history}, indent=2)
+        ),
     )
-    return result("completed", paths)
+    return paths
+
+
+def _result(
+    run: TrainRun, status: Literal["completed", "stopped"], paths: dict[str, Path]
+) -> AdaptationResult:
+    return AdaptationResult(
+        status=status,
+        step=run.step,
+        total_steps=run.total_steps,
+        output_dir=run.inputs.output_dir,
+        checkpoint_path=run.ckpt_path,
+        model_path=paths.get("student"),
+        ema_model_path=paths.get("ema"),
+        num_images=run.n,
+        num_skipped=run.scan.num_skipped,
+        skipped=run.scan.skipped,
+        metrics=run.metrics,
+        history=run.history,
+    )

@@ -102,16 +102,21 @@ def test_sweeper_requeues_then_gives_up(db: sessionmaker[Session], tmp_path: Pat
     settings = _settings(tmp_path)
     jid = _job(db)
     sent: list[str] = []
+
+    def send(job_id: str, processes: int) -> None:
+        assert processes == 1
+        sent.append(job_id)
+
     with session_scope(db) as s:
         assert queries.claim_job(s, uuid.UUID(jid), "w1") == 1
-    assert sweep_once(settings, db, sent.append)["requeued"] == 0  # fresh heartbeat: left alone
+    assert sweep_once(settings, db, send)["requeued"] == 0  # fresh heartbeat: left alone
     _age_heartbeat(db, jid, 60)
-    assert sweep_once(settings, db, sent.append)["requeued"] == 1
+    assert sweep_once(settings, db, send)["requeued"] == 1
     assert sent == [jid] and _get(db, jid).status == "queued"
     with session_scope(db) as s:
         assert queries.claim_job(s, uuid.UUID(jid), "w2") == 2
     _age_heartbeat(db, jid, 60)
-    assert sweep_once(settings, db, sent.append)["failed"] == 1  # max_attempts=2 reached
+    assert sweep_once(settings, db, send)["failed"] == 1  # max_attempts=2 reached
     job = _get(db, jid)
     assert job.status == "failed" and job.error_code == "worker_lost"
 
@@ -126,7 +131,7 @@ def test_sweeper_finalises_cancel_of_dead_worker(db: sessionmaker[Session], tmp_
         assert job is not None
         queries.request_cancel(s, job)
     _age_heartbeat(db, jid, 60)
-    sweep_once(_settings(tmp_path), db, lambda _: None)
+    sweep_once(_settings(tmp_path), db, lambda _j, _p: None)
     assert _get(db, jid).status == "cancelled"
 
 
