@@ -284,17 +284,21 @@ class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]])
         sample_seed = [self.seed, epoch, idx]
         rng = np.random.default_rng(sample_seed)
         torch_seed = int(rng.integers(0, 2**62))
-        # timm/torchvision draw from the global python/torch RNGs: seed them per sample, restoring the
-        # caller's state so the training loop's RNG stream is untouched.
-        py_state = random.getstate()
+        # timm/torchvision draw from the global python, numpy (RandAugment's op choice) and torch RNGs:
+        # seed all three per sample, restoring the caller's state so the training loop's RNG stream is
+        # untouched. Without numpy here the op choice depended on the process's history (and repeated
+        # across loader workers, which PyTorch does not reseed for numpy).
+        py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
             random.seed(torch_seed)
+            np.random.seed(torch_seed % 2**32)
             # The CPU generator only: the transforms run on CPU, and torch.manual_seed would also queue
             # a CUDA re-seed that formats a stack trace per call (~1 ms per sample, 20 % of loading).
             torch.default_generator.manual_seed(torch_seed)
             weak = self.weak(img)
             strong = self.strong(img)
         random.setstate(py_state)
+        np.random.set_state(np_state)
         mask = torch.from_numpy(self.masks(rng))
         return weak, strong, mask
 
