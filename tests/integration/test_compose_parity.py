@@ -1,5 +1,5 @@
-"""Compose parity: run the exact commands of the compose services (migrate, api, worker) with the
-compose environment — only the addresses of PostgreSQL, Redis and S3 are pointed at the local
+"""Compose parity: run the exact commands of the compose services (migrate, api, worker-gpu0) with
+the compose environment — only the addresses of PostgreSQL, Redis and S3 are pointed at the local
 servers, as a user would in .env — and complete a job through them with the ``must`` client CLI.
 Also checks /metrics and the JSON logs with request and job ids.
 """
@@ -111,7 +111,7 @@ def test_compose_commands_complete_a_job(
     assert cmd[cmd.index("--port") + 1] == "8000"
     cmd[cmd.index("--port") + 1] = str(port)  # the only change: a free port instead of 8000
     api = Proc("parity-api", _exe(cmd), api_env, log_dir)
-    cmd, env = _service(compose, "worker", variables)
+    cmd, env = _service(compose, "worker-gpu0", variables)  # the GPU worker, on the CPU here
     worker_env = {
         **base_env,
         **env,
