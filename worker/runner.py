@@ -129,9 +129,8 @@ class JobRunner:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         launch, processes = self._prepare(state, spec, work, ckpt_step)
-        resumed_from = ckpt_step if (work / "output" / CHECKPOINT_NAME).exists() else None
         result = self._train(state, work / "run", launch, processes)
-        return self._finish(state, spec, result, resumed_from)
+        return self._finish(state, spec, result)
 
     def _prepare(
         self, state: _Attempt, spec: dict[str, Any], work: Path, ckpt_step: int | None
@@ -251,7 +250,6 @@ class JobRunner:
         state: _Attempt,
         spec: dict[str, Any],
         result: dict[str, Any],
-        resumed_from: int | None,
     ) -> str:
         """Record a stopped run (cancelled/lost) or upload the model and complete the job."""
         if result["status"] == "stopped":
@@ -285,7 +283,9 @@ class JobRunner:
                 "progress": progress,
                 "metrics": metrics,
                 "dataset_stats": stats,
-                "resumed_from_step": resumed_from,
+                # the step of the checkpoint actually loaded (it may be newer than the row said,
+                # when the worker died between an upload and its row update)
+                "resumed_from_step": result.get("resumed_from_step"),
             }
             if not queries.complete_job(s, job, state.attempt, model=model, values=values):
                 s.rollback()

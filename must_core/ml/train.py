@@ -103,6 +103,7 @@ class AdaptationResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)  # eval metrics + last training losses
     history: list[dict[str, Any]] = field(default_factory=list)  # progress events
+    resumed_from_step: int | None = None  # the step of the checkpoint this run continued from
 
 
 def _init_mask_token(model: MustModel, files: list[Path], preprocess: Preprocess) -> None:
@@ -227,6 +228,7 @@ class TrainRun:
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_items: list[tuple[Path, int]] | None = None
+    resumed_from_step: int | None = None
 
     @property
     def ckpt_path(self) -> Path:
@@ -440,7 +442,7 @@ def restore(run: TrainRun) -> None:
     run.model.load_state_dict(state["student"])
     run.teacher.load_state_dict(state["ema"])  # the reference forgot this (spec §10.3)
     run.optimizer.load_state_dict(state["optimizer"])
-    run.step = int(state["step"])
+    run.step = run.resumed_from_step = int(state["step"])
     fair_state = state.get("fair_state")
     run.fair_state = fair_state.to(run.device) if fair_state is not None else None
     run.metrics = dict(state.get("metrics", {}))
@@ -711,4 +713,5 @@ def _result(
         skipped=run.scan.skipped,
         metrics=run.metrics,
         history=run.history,
+        resumed_from_step=run.resumed_from_step,
     )

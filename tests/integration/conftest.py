@@ -152,6 +152,8 @@ def s3(tmp_root: Path, log_dir: Path) -> Iterator[dict[str, Any]]:
         "bucket": bucket,
         "datasets_bucket": "test-must-datasets",
         "client": client,
+        "data": data,
+        "rclone": _rclone(),
     }
     proc.stop()
 

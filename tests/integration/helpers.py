@@ -139,6 +139,22 @@ def start_worker(env: dict[str, str], log_dir: Path, name: str = "worker") -> Pr
     return proc
 
 
+def trainer_pids(job_id: str) -> list[int]:
+    """Live processes of a job's training tree (launcher, torchrun ranks, loader workers)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (entry / "stat").read_text().split(") ")[-1][:1]
+        except OSError:
+            continue
+        if f"jobs/{job_id}/run" in cmd and state != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
 def start_api(env: dict[str, str], log_dir: Path, port: int) -> tuple[Proc, str]:
     proc = Proc(
         "api",
