@@ -118,7 +118,9 @@ def _assert_same_run(ref: dict[str, Any], other: dict[str, Any]) -> None:
     assert other["state"]["step"] == STEPS
 
 
-def test_accumulation_matches_the_full_batch(reference: dict[str, Any], tiny_spec_module: Any) -> None:
+def test_accumulation_matches_the_full_batch(
+    reference: dict[str, Any], tiny_spec_module: Any
+) -> None:
     events: list[Any] = []
     res = adapt(
         _cfg(micro_batch_size=4),  # 2 micro-steps of 4 per optimizer step
