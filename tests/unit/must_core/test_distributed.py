@@ -161,3 +161,27 @@ def test_batch_layout_validation() -> None:
         batch_layout(10, 4, None)
     with pytest.raises(InvalidConfigError):
         batch_layout(64, 1, 48)
+
+
+def test_a_failing_rank_fails_the_run_with_its_error_code(
+    tmp_path: Path, tiny_spec_module: Any
+) -> None:
+    from must_core.errors import MustError
+    from worker.training import TrainingProcess
+
+    spec = LaunchSpec(
+        config=_cfg().model_dump(mode="json"),
+        images_dir=str(tmp_path / "missing"),  # every rank fails while scanning
+        class_names=CLASSES,
+        output_dir=str(tmp_path / "out"),
+        base_model=tiny_spec_module.model_dump(),
+    )
+    proc = TrainingProcess(tmp_path / "run", spec, nproc=2, threads=1)
+    proc.start()
+    assert proc.proc is not None
+    proc.proc.wait(timeout=120)
+    proc.join_output()
+    assert proc.poll() != 0
+    with pytest.raises(MustError) as err:
+        proc.outcome()
+    assert err.value.code == "dataset_invalid" and "not found" in err.value.message

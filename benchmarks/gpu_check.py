@@ -1,0 +1,162 @@
+"""The GPU evidence for distributed training, as one prepared run (about 10 minutes on one H100/H200):
+
+1. ViT-B-16 bf16 MUST step through the training loop's own step (``benchmarks.scale``): batch 64, and a
+   global batch of 256 as 4 accumulated micro-batches of 64 beside 256 in one pass (images/s, peak
+   memory);
+2. a full job through the real service on CUDA: ``must serve`` (embedded: SQLite, local store, Celery
+   prefork worker), loader workers > 0, 2,048 generated JPEGs, random-weight ViT-B-16 (no download), one
+   epoch at batch 64. Reports the job's status, its images/s and the wall time.
+
+    python -m benchmarks.gpu_check [--out DIR]        # writes DIR/gpu_check.json (default benchmarks/results)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _step_rows(out: Path, batch: int, micro: int) -> dict[str, Any]:
+    path = out / f"scale-b{batch}.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.scale",
+        "--model",
+        "vit-b-16",
+        "--device",
+        "cuda",
+        "--batch",
+        str(batch),
+        "--nproc",
+        "1",
+        "--threads",
+        "4",
+        "--steps",
+        "10",
+        "--skip",
+        "checkpoint",
+        "--out",
+        str(path),
+    ]
+    if micro:
+        cmd += ["--micro", str(micro)]
+    subprocess.run(cmd, cwd=REPO, check=True, timeout=300)
+    return dict(json.loads(path.read_text()))
+
+
+def _images(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        arr = rng.integers(0, 255, (320, 400, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _job(work: Path, timeout_s: float) -> dict[str, Any]:
+    data = work / "images"
+    _images(data, 2048)
+    port = _port()
+    env = {
+        **os.environ,
+        "MUST_WORKER__DEVICE": "cuda",
+        "MUST_WORKER__NUM_WORKERS": str(min(8, (os.cpu_count() or 2) - 2)),
+        "MUST_WORKER__PROGRESS_EVERY_STEPS": "5",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "must_core.cli.service",
+        "serve",
+        "--data-dir",
+        str(work / "svc"),
+        "--port",
+        str(port),
+        "--allow-root",
+        str(work),
+    ]
+    log_path = work / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=log)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if c.get("/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(log_path.read_text()[-3000:])
+                time.sleep(0.5)
+            body = {
+                "dataset_uri": f"file://{data}",
+                "class_names": [f"class {i}" for i in range(100)],
+                "base_model": {"arch": "ViT-B-16"},
+                "params": {"epochs": 1, "batch_size": 64},
+            }
+            t0 = time.monotonic()
+            r = c.post("/v1/jobs", json=body)
+            r.raise_for_status()
+            jid = r.json()["id"]
+            while True:
+                job = c.get(f"/v1/jobs/{jid}").json()
+                if job["status"] in ("succeeded", "failed", "cancelled"):
+                    break
+                if time.monotonic() - t0 > timeout_s:
+                    break
+                time.sleep(2)
+            return {
+                "status": job["status"],
+                "error": job.get("error"),
+                "steps": job["progress"].get("step"),
+                "images_per_second": job["progress"].get("images_per_second"),
+                "wall_s": round(time.monotonic() - t0, 1),
+                "log_tail": log_path.read_text()[-2000:],
+            }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "benchmarks/results")))
+    ap.add_argument("--job-timeout", type=float, default=420)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {}
+    report["step_b64"] = _step_rows(args.out, 64, 0)
+    report["step_b256_accum"] = _step_rows(args.out, 256, 64)
+    with tempfile.TemporaryDirectory() as tmp:
+        report["job"] = _job(Path(tmp), args.job_timeout)
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report["job"].items() if k != "log_tail"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
