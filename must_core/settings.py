@@ -133,6 +133,8 @@ class ApiSettings(BaseModel):
     max_page_size: int = Field(100, ge=1, le=1000)
     max_class_names: int = Field(10_000, ge=1)
     max_templates: int = Field(200, ge=1)
+    # Largest params.num_processes accepted; jobs wait for a worker that consumes <queue>.xN.
+    max_processes_per_job: int = Field(8, ge=1, le=64)
 
 
 class ClassifySettings(BaseModel):

@@ -129,7 +129,7 @@ class JobRunner:
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         launch, processes = self._prepare(state, spec, work, ckpt_step)
-        result = self._train(state, work / "run", launch, processes)
+        result = self._train(state, work / "run", launch, processes, ckpt_step or 0)
         return self._finish(state, spec, result)
 
     def _prepare(
@@ -143,6 +143,13 @@ class JobRunner:
         def s3_client() -> Any:
             return make_s3_client_from_settings(self.settings)
 
+        processes = job_processes(spec)
+        w = self.settings.worker
+        if processes > w.max_processes:  # before any download
+            raise InvalidConfigError(
+                f"the job asks for {processes} training processes; this worker runs at most "
+                f"{w.max_processes}",
+            )
         self._write(state, progress={"step": ckpt_step or 0, "fraction": 0.0, "phase": "fetch"})
         images = fetch_dataset(spec["dataset_uri"], work / "dataset", policy, s3_client)
         eval_dir = None
@@ -151,13 +158,6 @@ class JobRunner:
         base = resolve_base_model(spec.get("base_model") or {}, work / "base", self.settings)
         params = dict(spec.get("params") or {})
         preset = params.pop("preset", None)
-        processes = job_processes(spec)
-        w = self.settings.worker
-        if processes > w.max_processes:
-            raise InvalidConfigError(
-                f"the job asks for {processes} training processes; this worker runs at most "
-                f"{w.max_processes}",
-            )
         cfg = make_config(
             preset,
             **params,
@@ -185,7 +185,7 @@ class JobRunner:
         return launch, processes
 
     def _train(
-        self, state: _Attempt, run_dir: Path, launch: LaunchSpec, processes: int
+        self, state: _Attempt, run_dir: Path, launch: LaunchSpec, processes: int, start_step: int
     ) -> dict[str, Any]:
         """Run the trainer as a child process group and relay its events until it exits."""
         w = self.settings.worker
@@ -195,10 +195,10 @@ class JobRunner:
             upload=lambda path: self._upload_checkpoint(state, path),
             on_uploaded=lambda step: self._write(state, checkpoint_step=step),
         )
-        self._write(state, progress={"fraction": 0.0, "phase": "train"})
-        proc.start()
         stop_deadline: float | None = None
         try:
+            self._write(state, progress={"step": start_step, "fraction": 0.0, "phase": "train"})
+            proc.start()
             while proc.poll() is None:
                 self._relay(state, proc.events(), uploader)
                 if stop_deadline is None and (state.cancel.is_set() or state.lost.is_set()):

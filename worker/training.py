@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from must_core.errors import MustError
-from must_core.ml.launch import EVENTS_FILE, RESULT_FILE, STOP_FILE, LaunchSpec
+from must_core.ml.launch import EVENTS_FILE, PARENT_ENV, RESULT_FILE, STOP_FILE, LaunchSpec
 
 _logger = logging.getLogger(__name__)
 
@@ -46,7 +46,12 @@ class TrainingProcess:
 
     def start(self) -> None:
         self.spec.write(self.run_dir)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "PYTHONUNBUFFERED": "1",
+            PARENT_ENV: str(os.getpid()),
+        }
         self.proc = subprocess.Popen(
             self.command(),
             env=env,
@@ -92,7 +97,11 @@ class TrainingProcess:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # unkillable (D state): the kernel reaps it later
+            _logger.error("training process %d did not exit after SIGKILL", self.proc.pid)
+            return
         _logger.warning("training process %d killed", self.proc.pid)
 
     def join_output(self) -> None:
@@ -102,16 +111,26 @@ class TrainingProcess:
     def outcome(self) -> dict[str, Any]:
         """The trainer's result; raises its error (with its code) when it failed."""
         result = self.run_dir / RESULT_FILE
-        if self.poll() == 0 and result.exists():
+        status = self.poll()
+        if status == 0 and result.exists():
             return dict(json.loads(result.read_text()))
-        errors = sorted(self.run_dir.glob("error-*.json"))
+        errors = [json.loads(p.read_text()) for p in self._error_files()]
+        # The rank that failed first with a specific error, not one that lost its peers afterwards.
+        errors.sort(key=lambda body: body["code"] == "internal_error")
         if errors:
-            body = json.loads(errors[0].read_text())
-            raise MustError(body["message"], code=body["code"])
+            raise MustError(errors[0]["message"], code=errors[0]["code"])
+        how = (
+            f"signal {signal.Signals(-status).name}"
+            if status and status < 0
+            else f"status {status}"
+        )
         raise MustError(
-            f"the training process exited with status {self.poll()} and no result",
+            f"the training process exited with {how} and no result (killed for memory?)",
             code="training_process_failed",
         )
+
+    def _error_files(self) -> list[Path]:
+        return sorted(self.run_dir.glob("error-*.json"), key=lambda p: p.stat().st_mtime)
 
 
 def _relay_output(stream: IO[bytes]) -> None:

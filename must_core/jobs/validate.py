@@ -47,8 +47,14 @@ def validate_job(body: JobCreate, settings: Settings) -> dict[str, Any]:
     reserved = sorted(RUNTIME_KEYS & params.keys())
     if reserved:
         raise InvalidConfigError(f"params {reserved} are set by the server, not per job")
-    from must_core.ml.config import make_config  # pydantic only; no torch import
+    from must_core.ml.config import batch_layout, make_config  # pydantic only; no torch import
 
     overrides = {k: v for k, v in params.items() if k != "preset"}
-    make_config(params.get("preset"), **overrides)
+    cfg = make_config(params.get("preset"), **overrides)
+    if cfg.num_processes > settings.api.max_processes_per_job:
+        raise InvalidConfigError(
+            f"num_processes {cfg.num_processes} is above this service's maximum "
+            f"{settings.api.max_processes_per_job}"
+        )
+    batch_layout(cfg.batch_size, cfg.num_processes, cfg.micro_batch_size)  # the split must divide
     return body.model_dump(mode="json", exclude_none=True)

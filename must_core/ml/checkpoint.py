@@ -140,6 +140,7 @@ class AsyncCheckpointer:
             )
             return False
         self.wait()
+        self._raise_failure()  # a write that failed meanwhile, before this one is announced
         copy = snapshot(payload)
         if not self.background or wait:
             self._write(copy, step)

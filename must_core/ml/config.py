@@ -7,6 +7,7 @@ overrides.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -361,3 +362,39 @@ def ema_schedule_params(
         cap = max(0.0, 1.0 - 1.0 / (cfg.ema_horizon * total_steps))
         d_init, d_final = min(d_init, cap), min(d_final, cap)
     return d_init, d_final, warm
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    """How one optimizer step's global batch splits into ranks and micro-batches.
+
+    global = world_size × accum_steps × micro_batch. The fairness marginal, the confident-sample count and
+    every loss mean are taken over the global batch, so the step is the same whatever the split.
+    """
+
+    global_batch: int
+    world_size: int
+    micro_batch: int
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.world_size
+
+    @property
+    def accum_steps(self) -> int:
+        return self.per_rank // self.micro_batch
+
+
+def batch_layout(global_batch: int, world_size: int, micro_batch: int | None) -> BatchLayout:
+    """Validate the split: the global batch must divide evenly into ranks and micro-batches."""
+    if global_batch % world_size:
+        raise InvalidConfigError(
+            f"batch_size {global_batch} is not divisible by the {world_size} training processes"
+        )
+    per_rank = global_batch // world_size
+    micro = per_rank if micro_batch is None else min(micro_batch, per_rank)
+    if per_rank % micro:
+        raise InvalidConfigError(
+            f"the per-process batch {per_rank} is not a multiple of micro_batch_size {micro}"
+        )
+    return BatchLayout(global_batch, world_size, micro)

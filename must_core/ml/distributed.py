@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from must_core.errors import InvalidConfigError
+from must_core.ml.config import BatchLayout as BatchLayout
+from must_core.ml.config import batch_layout as batch_layout
 
 # Rank 0 alone evaluates and exports while the other ranks wait at a barrier: the collective timeout must
 # outlast a large evaluation set, not the default 10 minutes.
@@ -92,39 +94,3 @@ def rank_device(ctx: DistContext, device: torch.device) -> torch.device:
         )
     torch.cuda.set_device(ctx.local_rank)
     return torch.device("cuda", ctx.local_rank)
-
-
-@dataclass(frozen=True)
-class BatchLayout:
-    """How one optimizer step's global batch splits into ranks and micro-batches.
-
-    global = world_size × accum_steps × micro_batch. The fairness marginal, the confident-sample count and
-    every loss mean are taken over the global batch, so the step is the same whatever the split.
-    """
-
-    global_batch: int
-    world_size: int
-    micro_batch: int
-
-    @property
-    def per_rank(self) -> int:
-        return self.global_batch // self.world_size
-
-    @property
-    def accum_steps(self) -> int:
-        return self.per_rank // self.micro_batch
-
-
-def batch_layout(global_batch: int, world_size: int, micro_batch: int | None) -> BatchLayout:
-    """Validate the split: the global batch must divide evenly into ranks and micro-batches."""
-    if global_batch % world_size:
-        raise InvalidConfigError(
-            f"batch_size {global_batch} is not divisible by the {world_size} training processes"
-        )
-    per_rank = global_batch // world_size
-    micro = per_rank if micro_batch is None else min(micro_batch, per_rank)
-    if per_rank % micro:
-        raise InvalidConfigError(
-            f"the per-process batch {per_rank} is not a multiple of micro_batch_size {micro}"
-        )
-    return BatchLayout(global_batch, world_size, micro)

@@ -40,6 +40,7 @@ EVENTS_FILE = "events.jsonl"
 STOP_FILE = "STOP"
 RESULT_FILE = "result.json"
 UPLOADS_DIR = "uploads"
+PARENT_ENV = "MUST_TRAINER_PARENT_PID"
 
 _logger = logging.getLogger("must_core.ml.launch")
 
@@ -70,10 +71,12 @@ def die_with_parent() -> None:
     """SIGKILL this process when its parent dies (Linux); exit now if the parent is already gone."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    # The supervisor (and the torchrun agent, for its ranks) names itself: a parent that died before
+    # this line has already been replaced by the reaper, which getppid() alone cannot tell.
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())
     pr_set_pdeathsig = 1
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before the request took effect
+    if os.getppid() != parent:
         os._exit(1)
 
 
@@ -84,6 +87,7 @@ class _EventLog:
         self.run_dir = run_dir
         self._lock = threading.Lock()
         self._file = (run_dir / EVENTS_FILE).open("a", encoding="utf-8")
+        self._count = 0
 
     def emit(self, event: dict[str, Any]) -> None:
         line = json.dumps(event, allow_nan=False, default=str) + "\n"
@@ -95,8 +99,8 @@ class _EventLog:
         """Hand a complete checkpoint to the reader: a hard link survives the next atomic rename."""
         uploads = self.run_dir / UPLOADS_DIR
         uploads.mkdir(exist_ok=True)
-        link = uploads / f"step-{step:09d}.pt"
-        link.unlink(missing_ok=True)
+        self._count += 1  # unique: the same step may be saved twice (a stop right after a save)
+        link = uploads / f"step-{step:09d}-{self._count}.pt"
         os.link(path, link)
         self.emit({"type": "checkpoint", "path": str(link), "step": step})
 
@@ -171,6 +175,7 @@ def _torchrun(nproc: int, run_dir: Path) -> int:
     """Start ``nproc`` ranks on this machine under torchrun's elastic agent (this process)."""
     from torch.distributed.run import main as torchrun_main
 
+    os.environ[PARENT_ENV] = str(os.getpid())  # the ranks' parent is this agent
     torchrun_main(
         [
             "--standalone",

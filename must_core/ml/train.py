@@ -24,7 +24,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from must_core.errors import CheckpointError, DatasetError, TrainingDivergedError
+from must_core.errors import (
+    CheckpointError,
+    DatasetError,
+    EmptyDatasetError,
+    TrainingDivergedError,
+)
 from must_core.fsutil import atomic_write
 from must_core.ml import checkpoint as ckpt
 from must_core.ml.config import BaseModelSpec, MustConfig, ema_schedule_params
@@ -161,9 +166,12 @@ def apply_threads(cfg: MustConfig) -> None:
 
 
 def _loader_workers(cfg: MustConfig, device: torch.device) -> int:
+    """Explicit, or on CUDA up to 8 per rank from this machine's cores shared by its ranks."""
     if cfg.num_workers is not None:
         return cfg.num_workers
-    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    spare = max(1, ((os.cpu_count() or 2) - local_ranks) // local_ranks)
+    return min(8, spare) if device.type == "cuda" else 0
 
 
 class _NullHook:
@@ -223,6 +231,7 @@ class TrainRun:
     identity: dict[str, Any]
     checkpointer: ckpt.AsyncCheckpointer
     t_start: float
+    resuming: bool
     step: int = 0
     fair_state: torch.Tensor | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -317,7 +326,7 @@ def adapt(
     )
     run = prepare(cfg, inputs, dist or DistContext(), hooks)
     try:
-        if inputs.resume and run.ckpt_path.exists():
+        if run.resuming:
             restore(run)
         evaluate_zero_shot(run)
         stopped = train_steps(run, hooks)
@@ -348,7 +357,7 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
     )
     preprocess, model_cfg = base.preprocess, base.model_cfg
     del base  # drop the text tower (spec §1.1.6)
-    resuming = inputs.resume and (inputs.output_dir / CHECKPOINT_NAME).exists()
+    resuming = _resuming(inputs, dist, device)
     # A resumed run loads the trained token from the checkpoint: no need to decode images for it.
     if cfg.mask_token_init == "data_mean" and cfg.mask_ratio > 0 and not resuming:  # noqa: S105
         _init_mask_token(model, scan.files, preprocess)
@@ -404,21 +413,34 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
             background=cfg.async_checkpoint,
         ),
         t_start=t_start,
+        resuming=resuming,
     )
+
+
+def _resuming(inputs: RunInputs, dist: DistContext, device: torch.device) -> bool:
+    """Whether every rank resumes: they must agree, or their weights and steps would diverge."""
+    has = inputs.resume and (inputs.output_dir / CHECKPOINT_NAME).exists()
+    some, not_all = dist.any(has, device), dist.any(not has, device)
+    if some and not_all:
+        raise CheckpointError(
+            f"{inputs.output_dir / CHECKPOINT_NAME} exists on some ranks only: every node needs it"
+        )
+    return has
 
 
 def _fit_batch(cfg: MustConfig, n: int, world_size: int) -> tuple[MustConfig, BatchLayout]:
     """The global batch split over ranks and micro-batches; smaller datasets shrink the batch."""
-    batch = cfg.batch_size
+    if n < world_size:
+        raise EmptyDatasetError(f"{n} images cannot feed {world_size} training processes")
+    batch, micro = cfg.batch_size, cfg.micro_batch_size
     if n < batch:
-        batch = max(world_size, n // world_size * world_size)
+        batch = n // world_size * world_size
         _logger.warning(
             "only %d images: batch size reduced from %d to %d", n, cfg.batch_size, batch
         )
         cfg = cfg.model_copy(update={"batch_size": batch})
-    micro = cfg.micro_batch_size
-    if micro is not None:  # a shrunk batch keeps the largest micro-batch that still divides it
-        micro = math.gcd(batch // world_size, micro)
+        if micro is not None:  # the largest micro-batch that still divides the shrunk share
+            micro = math.gcd(batch // world_size, micro)
     return cfg, batch_layout(batch, world_size, micro)
 
 

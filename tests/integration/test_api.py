@@ -93,6 +93,10 @@ def test_bad_uris_and_policy_violations_are_4xx(
         ({"params": {"epochs": 1, "no_such_param": 3}}, "invalid_config"),
         ({"params": {"preset": "nope"}}, "invalid_config"),
         ({"params": {"device": "cuda"}}, "invalid_config"),
+        ({"params": {"stop_check_every_steps": 1000}}, "invalid_config"),
+        ({"params": {"num_processes": 9}}, "invalid_config"),  # above api.max_processes_per_job
+        ({"params": {"batch_size": 10, "num_processes": 4}}, "invalid_config"),  # 10 % 4 != 0
+        ({"params": {"batch_size": 64, "micro_batch_size": 48}}, "invalid_config"),
         ({"params": {"epochs": 0}}, "validation_error"),
         ({"class_names": ["only-one"]}, "validation_error"),
         ({"class_names": ["a", "a"]}, "validation_error"),
