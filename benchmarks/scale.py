@@ -149,7 +149,7 @@ def _rank_main(args: argparse.Namespace) -> None:
     dist = from_environment()
     tdist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     torch.set_num_threads(args.threads)
-    row = time_steps(args, dist, args.micro)
+    row = time_steps(args, dist, args.micro or None)
     if dist.is_main:
         Path(args.rank_out).write_text(json.dumps(row))
     tdist.destroy_process_group()
