@@ -79,6 +79,9 @@ class WorkerSettings(BaseModel):
     # Training processes one job may use here; None: num_gpus on a GPU machine, else 1. A worker
     # consumes the queue of every count up to this (see must_core.jobs.dispatch).
     max_processes_per_job: int | None = Field(None, ge=1, le=64)
+    # Decode each dataset once into a prepared form cached in the store (keyed by content); off:
+    # decode the raw files every epoch.
+    prepare_dataset: bool = True
     # After a stop request (cancel, lost claim) the trainer checkpoints and exits; killed after this.
     stop_grace_s: float = Field(60.0, gt=0)
     work_dir: Path | None = (

@@ -34,7 +34,13 @@ from must_core.jobs.states import JobStatus
 from must_core.logging import bind
 from must_core.ml.launch import LaunchSpec
 from must_core.settings import Settings
-from must_core.storage import ArtifactStore, checkpoint_key, metrics_key, model_key
+from must_core.storage import (
+    ArtifactStore,
+    checkpoint_key,
+    metrics_key,
+    model_key,
+    prepared_prefix,
+)
 from must_core.storage.base import TransientStorageError
 from must_core.storage.factory import make_s3_client_from_settings
 from worker.training import CheckpointUploader, TrainingProcess
@@ -64,6 +70,10 @@ class _Attempt:
     lost: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     last_progress_write: float = 0.0
+    tenant_id: uuid.UUID | None = None
+    prepared_key: str | None = None  # content key of the job's dataset (prepared-form cache)
+    uploaded_prepared: set[str] = field(default_factory=set)
+    prepared_upload: threading.Thread | None = None
 
 
 class JobRunner:
@@ -126,6 +136,7 @@ class JobRunner:
             assert job is not None
             spec: dict[str, Any] = dict(job.spec)
             ckpt_step = job.checkpoint_step
+            state.tenant_id = job.tenant_id
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         launch, processes = self._prepare(state, spec, work, ckpt_step)
@@ -155,6 +166,7 @@ class JobRunner:
         eval_dir = None
         if spec.get("eval_dataset_uri"):
             eval_dir = fetch_dataset(spec["eval_dataset_uri"], work / "eval", policy, s3_client)
+        prepared_cache = self._fetch_prepared(state, images, work / "prepared")
         base = resolve_base_model(spec.get("base_model") or {}, work / "base", self.settings)
         params = dict(spec.get("params") or {})
         preset = params.pop("preset", None)
@@ -181,8 +193,45 @@ class JobRunner:
             base_model=base.model_dump(),
             templates=spec.get("templates"),
             eval_dir=str(eval_dir) if eval_dir else None,
+            prepared_cache=str(prepared_cache) if prepared_cache else None,
         )
         return launch, processes
+
+    def _fetch_prepared(self, state: _Attempt, images: Path, cache: Path) -> Path | None:
+        """Download the cached prepared form of this dataset, if any (keyed by its content)."""
+        if not self.settings.worker.prepare_dataset:
+            return None
+        from must_core.ml.prepared import content_key  # numpy + PIL only
+
+        t0 = time.monotonic()
+        state.prepared_key = content_key(images, workers=self.settings.worker_threads * 2)
+        prefix = prepared_prefix(str(state.tenant_id), state.prepared_key)
+        keys = self.store.list_keys(prefix)
+        for key in keys:
+            self.store.get_file(key, cache / key[len(prefix) :])
+        cache.mkdir(parents=True, exist_ok=True)
+        state.uploaded_prepared = {p.parent.name for p in cache.glob("*/meta.json")}
+        _logger.info(
+            "dataset content key %s: %d cached files (%.1fs)",
+            state.prepared_key,
+            len(keys),
+            time.monotonic() - t0,
+        )
+        return cache
+
+    def _cache_prepared(self, state: _Attempt, cache: Path) -> None:
+        """Upload a prepared form the trainer has just completed (meta.json last: it marks it done)."""
+        from must_core.ml.prepared import META_FILE, cache_files
+
+        for meta in cache.glob(f"*/{META_FILE}"):
+            folder = meta.parent
+            if folder.name in state.uploaded_prepared or state.prepared_key is None:
+                continue
+            state.uploaded_prepared.add(folder.name)
+            prefix = prepared_prefix(str(state.tenant_id), state.prepared_key) + folder.name + "/"
+            for path in cache_files(folder):
+                self.store.put_file(path, prefix + path.name)
+            _logger.info("cached the prepared dataset under %s", prefix)
 
     def _train(
         self, state: _Attempt, run_dir: Path, launch: LaunchSpec, processes: int, start_step: int
@@ -201,6 +250,7 @@ class JobRunner:
             proc.start()
             while proc.poll() is None:
                 self._relay(state, proc.events(), uploader)
+                self._maybe_cache_prepared(state, launch)
                 if stop_deadline is None and (state.cancel.is_set() or state.lost.is_set()):
                     proc.request_stop()
                     stop_deadline = time.monotonic() + w.stop_grace_s
@@ -216,9 +266,28 @@ class JobRunner:
             proc.kill()  # an exception here (time limit, DB) must not leave a trainer behind
             proc.join_output()
             uploader.close(drain=not state.lost.is_set())
+            if state.prepared_upload is not None:
+                state.prepared_upload.join()
         if stop_deadline is not None and proc.poll() != 0:
             return {"status": "stopped", "killed": True}
         return proc.outcome()
+
+    def _maybe_cache_prepared(self, state: _Attempt, launch: LaunchSpec) -> None:
+        """Start (once) the upload of a newly prepared dataset, off the relay loop."""
+        cache = Path(launch.prepared_cache) if launch.prepared_cache else None
+        if cache is None or state.prepared_upload is not None:
+            return
+        if any(p.parent.name not in state.uploaded_prepared for p in cache.glob("*/meta.json")):
+            state.prepared_upload = threading.Thread(
+                target=self._safe_cache_prepared, args=(state, cache), daemon=True
+            )
+            state.prepared_upload.start()
+
+    def _safe_cache_prepared(self, state: _Attempt, cache: Path) -> None:
+        try:
+            self._cache_prepared(state, cache)
+        except Exception as exc:  # a cache upload failing must not fail the job
+            _logger.warning("could not cache the prepared dataset: %s", exc)
 
     def _relay(
         self, state: _Attempt, events: list[dict[str, Any]], uploader: CheckpointUploader
@@ -257,6 +326,8 @@ class JobRunner:
         stats = _dataset_stats(result)
         progress = _final_progress(result)
         metrics = _json_safe(result["metrics"])
+        if state.prepared_key is not None and isinstance(metrics.get("dataset_cache"), dict):
+            metrics["dataset_cache"]["key"] = state.prepared_key
         model_path = Path(result["model_path"])
         self.store.put_file(model_path, model_key(state.job_id))
         ema_key = None

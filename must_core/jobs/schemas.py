@@ -94,6 +94,8 @@ class JobMetrics(_Schema):
     eval: dict[str, Any] | None = (
         None  # zero_shot / adapted / adapted_ema when an eval set was given
     )
+    # the prepared-dataset cache: {"prepared", "key" (content key), "reused", "prepare_seconds", ...}
+    dataset_cache: dict[str, Any] | None = None
 
 
 class DatasetStats(_Schema):

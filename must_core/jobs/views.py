@@ -31,7 +31,11 @@ def job_view(job: Job) -> JobRead:
         base_model=dict(spec.get("base_model", {})),
         params=dict(spec.get("params", {})),
         progress=Progress.model_validate(job.progress or {}),
-        metrics=JobMetrics(train=metrics.get("train"), eval=evals or None),
+        metrics=JobMetrics(
+            train=metrics.get("train"),
+            eval=evals or None,
+            dataset_cache=metrics.get("dataset_cache"),
+        ),
         dataset=DatasetStats.model_validate(stats),
         model_id=job.model_id,
         error=JobError(code=job.error_code, message=job.error_message or "")

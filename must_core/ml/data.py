@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -80,20 +81,23 @@ def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
             return to_rgb(img)
 
 
+def decode_reason(exc: BaseException) -> str:
+    """A short reason why a file is not a usable image, for the skipped-file report."""
+    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
+        return "image too large (decompression bomb guard)"
+    if isinstance(exc, OSError | ValueError | SyntaxError | UnidentifiedImageError):
+        return f"not a decodable image ({type(exc).__name__})"
+    return f"decode error ({type(exc).__name__})"
+
+
 def _probe(path: Path) -> str | None:
     """None if the file decodes, else a short reason."""
     try:
         img = load_image(path, draft_size=64)
         if img.width < 1 or img.height < 1:
             return "empty image"
-    except Image.DecompressionBombError:
-        return "image too large (decompression bomb guard)"
-    except Image.DecompressionBombWarning:
-        return "image too large (decompression bomb guard)"
-    except (OSError, ValueError, SyntaxError, UnidentifiedImageError) as exc:
-        return f"not a decodable image ({type(exc).__name__})"
     except Exception as exc:  # a corrupt file must never abort a scan
-        return f"decode error ({type(exc).__name__})"
+        return decode_reason(exc)
     return None
 
 
@@ -185,12 +189,8 @@ def strong_transform(
         std=pp.std,
         re_prob=0.0,
     )
-    # timm's PosterizeIncreasing maps magnitude 10 (mstd noise clipped at the max) to 0 bits, which
-    # PIL rejects ("bits must be between 1 and 8") and crashes ~0.3% of samples; cap just below 10.
     for t in getattr(tf, "transforms", []):
-        for op in getattr(t, "ops", []):
-            if getattr(op, "name", "") == "PosterizeIncreasing":
-                op.magnitude_max = 9.99
+        _cap_posterize(t)
     return tf  # type: ignore[no-any-return]
 
 
@@ -246,41 +246,138 @@ class EpochSampler(Sampler[int]):
         return max(0, total * self.shard)
 
 
-class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
-    """(weak view, strong view, token mask) per image, seeded by (seed, epoch, index)."""
+def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
+    """[3, H, W] uint8: normalisation happens on the device, for the whole batch at once."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class WeakView:
+    """Teacher view, uint8: a random shorter-side square, resized once to the input size.
+
+    The same distribution as resize-shorter-side-then-random-crop (the reference), with one resample
+    of the crop instead of the whole image. No flip, no colour (spec §6).
+    """
+
+    def __init__(self, size: int, interpolation: str = "bicubic") -> None:
+        self.size = size
+        self.resample = _pil_resample(interpolation)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        w, h = img.size
+        side = min(w, h)
+        x = int(torch.randint(0, w - side + 1, (1,)))
+        y = int(torch.randint(0, h - side + 1, (1,)))
+        box = (x, y, x + side, y + side)
+        return to_uint8_tensor(img.resize((self.size, self.size), self.resample, box=box))
+
+
+class StrongView:
+    """Student view, uint8: RandomResizedCrop as one crop+resize, flip, RandAugment on the small image.
+
+    timm's 'rand-mM-nN-mstdS-inc1' recipe with the reference's crop (spec §6), minus the float
+    conversion and normalisation, which move to the device.
+    """
 
     def __init__(
         self,
-        files: Sequence[Path],
-        weak: T.Compose,
-        strong: T.Compose,
-        masks: MaskGenerator,
-        seed: int,
-        draft_size: int | None = None,
+        pp: Preprocess,
+        scale: tuple[float, float] = (0.3, 1.0),
+        num_ops: int = 2,
+        magnitude: float = 9.0,
+        magnitude_std: float = 0.5,
     ) -> None:
+        from timm.data.auto_augment import rand_augment_transform  # type: ignore[attr-defined]
+
+        self.size = pp.image_size
+        self.crop = T.RandomResizedCrop(pp.image_size, scale=scale)
+        self.augment = None
+        if num_ops > 0:
+            hparams = {
+                "translate_const": int(pp.image_size * 0.45),
+                "img_mean": tuple(round(255 * m) for m in pp.mean),
+            }
+            spec = f"rand-m{magnitude:g}-n{num_ops}-mstd{magnitude_std:g}-inc1"
+            self.augment = rand_augment_transform(spec, hparams)
+            _cap_posterize(self.augment)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        i, j, h, w = self.crop.get_params(img, list(self.crop.scale), list(self.crop.ratio))
+        out = img.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(j, i, j + w, i + h))
+        if float(torch.rand(1)) < 0.5:
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.augment is not None:
+            out = self.augment(out)
+        return to_uint8_tensor(out)
+
+
+def _pil_resample(name: str) -> Image.Resampling:
+    return {
+        "bicubic": Image.Resampling.BICUBIC,
+        "bilinear": Image.Resampling.BILINEAR,
+        "nearest": Image.Resampling.NEAREST,
+    }.get(name, Image.Resampling.BICUBIC)
+
+
+def _cap_posterize(augment: object) -> None:
+    # timm's PosterizeIncreasing maps magnitude 10 (mstd noise clipped at the max) to 0 bits, which
+    # PIL rejects ("bits must be between 1 and 8") and crashes ~0.3% of samples; cap just below 10.
+    for op in getattr(augment, "ops", []):
+        if getattr(op, "name", "") == "PosterizeIncreasing":
+            op.magnitude_max = 9.99
+
+
+class ImageSource(Protocol):
+    """Where training images come from: raw files (decoded every time) or a prepared dataset."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> Image.Image: ...
+
+
+class RawImages:
+    """Decode the file every time (JPEG draft mode keeps it at least ``draft_size``)."""
+
+    def __init__(self, files: Sequence[Path], draft_size: int | None = None) -> None:
         self.files = list(files)
-        self.weak, self.strong, self.masks = weak, strong, masks
-        self.seed = seed
         self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _decode(self, idx: int) -> Image.Image:
+    def load(self, i: int) -> Image.Image:
         # Files were probed at scan time; if one changed since, fall back to a neighbour rather than
         # killing the run.
         for k in range(len(self.files)):
-            path = self.files[(idx + k) % len(self.files)]
+            path = self.files[(i + k) % len(self.files)]
             try:
                 return load_image(path, self.draft_size)
             except Exception as exc:
                 _logger.warning("cannot decode %s during training: %s", path, exc)
         raise EmptyDatasetError("no image in the dataset can be decoded any more")
 
+
+class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """(weak view, strong view, token mask) per image as uint8, seeded by (seed, epoch, index)."""
+
+    def __init__(
+        self,
+        source: ImageSource,
+        weak: WeakView,
+        strong: StrongView,
+        masks: MaskGenerator,
+        seed: int,
+    ) -> None:
+        self.source = source
+        self.weak, self.strong, self.masks = weak, strong, masks
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
     def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = len(self.files)
+        n = len(self.source)
         epoch, idx = divmod(int(key), n)
-        img = self._decode(idx)
+        img = self.source.load(idx)
         sample_seed = [self.seed, epoch, idx]
         rng = np.random.default_rng(sample_seed)
         torch_seed = int(rng.integers(0, 2**62))
@@ -301,6 +398,11 @@ class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]])
         np.random.set_state(np_state)
         mask = torch.from_numpy(self.masks(rng))
         return weak, strong, mask
+
+
+def normalize_on_device(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 3, H, W] → normalised float32 (the loader's views arrive as uint8)."""
+    return (x.float().div_(255.0) - mean) / std
 
 
 class EvalDataset(Dataset[tuple[torch.Tensor, int]]):

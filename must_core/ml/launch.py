@@ -9,6 +9,8 @@ for several — and talks to it through files in ``RUN_DIR`` only:
 - ``events.jsonl`` (out, rank 0): one JSON object per line, ``{"type": "progress", ...}`` or
   ``{"type": "checkpoint", "path": ..., "step": N}`` (a hard link to a complete checkpoint that the
   reader uploads and then deletes);
+- ``prepared_cache`` (in/out): a prepared dataset found there is reused; one built there is complete
+  once its ``meta.json`` exists (the reader may then cache it);
 - ``STOP`` (in): created by the supervisor to request a checkpoint-and-stop (cancel, lost claim);
 - ``result.json`` (out, rank 0) on success, ``error-RANK.json`` (``{"code", "message"}``) on failure.
 
@@ -57,6 +59,7 @@ class LaunchSpec:
     templates: list[str] | None = None
     eval_dir: str | None = None
     resume: bool = True
+    prepared_cache: str | None = None  # see adapt(prepared_cache=...)
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +132,7 @@ def run(run_dir: Path) -> None:
             base_model=BaseModelSpec(**spec.base_model),
             templates=spec.templates,
             eval_dir=Path(spec.eval_dir) if spec.eval_dir else None,
+            prepared_cache=Path(spec.prepared_cache) if spec.prepared_cache else None,
             resume=spec.resume,
             on_progress=(lambda e: log.emit({"type": "progress", **e.to_dict()})) if log else None,
             should_stop=stop_file.exists,

@@ -35,15 +35,18 @@ from must_core.ml import checkpoint as ckpt
 from must_core.ml.config import BaseModelSpec, MustConfig, ema_schedule_params
 from must_core.ml.data import (
     EpochSampler,
+    ImageSource,
     MustTrainDataset,
+    RawImages,
     ScanResult,
+    StrongView,
+    WeakView,
     eval_transform,
     load_image,
+    normalize_on_device,
     require_images,
     scan_images,
     scan_labelled,
-    strong_transform,
-    weak_transform,
 )
 from must_core.ml.distributed import BatchLayout, DistContext, batch_layout, rank_device
 from must_core.ml.ema import EmaUpdater, ema_decay, make_teacher
@@ -58,6 +61,13 @@ from must_core.ml.model import (
     resolve_mask_patch_size,
 )
 from must_core.ml.optim import build_optimizer, cosine_lr, scaled_lrs, set_lr
+from must_core.ml.prepared import (
+    PreparedDataset,
+    open_prepared,
+    prepare_folder,
+    prepared_dir,
+    short_side_for,
+)
 from must_core.ml.step import LOSS_KEYS, GlobalStep, MicroBatch
 from must_core.ml.step import must_step_losses as must_step_losses
 from must_core.ml.templates import DEFAULT_TEMPLATES, validate_class_names, validate_templates
@@ -111,20 +121,23 @@ class AdaptationResult:
     resumed_from_step: int | None = None  # the step of the checkpoint this run continued from
 
 
-def _init_mask_token(model: MustModel, files: list[Path], preprocess: Preprocess) -> None:
+def _init_mask_token(
+    model: MustModel, source: list[Path] | PreparedDataset, preprocess: Preprocess
+) -> None:
     """Mask token := mean patch embedding of up to 256 evenly spaced unlabeled images (eval view).
 
     Files that fail to decode are skipped here (the loader counts and reports them later); with no
     decodable file the random init stays.
     """
     tf = eval_transform(preprocess)
-    stride = max(1, len(files) // 256)
+    stride = max(1, len(source) // 256)
     xs = []
-    for path in files[::stride][:256]:
+    for i in range(0, len(source), stride)[:256]:
         try:
-            xs.append(tf(load_image(path)))
+            img = source.load(i) if isinstance(source, PreparedDataset) else load_image(source[i])
+            xs.append(tf(img))
         except Exception as exc:  # any undecodable file is skipped, as in the loader
-            _logger.debug("mask-token init skips %s: %s", path, exc)
+            _logger.debug("mask-token init skips image %d: %s", i, exc)
     if xs:
         model.init_mask_token_from_images(torch.stack(xs))
 
@@ -204,6 +217,7 @@ class RunInputs:
     templates: list[str]
     eval_dir: Path | None
     resume: bool
+    prepared_cache: Path | None = None
 
 
 @dataclass
@@ -232,12 +246,15 @@ class TrainRun:
     checkpointer: ckpt.AsyncCheckpointer
     t_start: float
     resuming: bool
+    prepared: PreparedDataset | None
+    data_stats: dict[str, Any]
     step: int = 0
     fair_state: torch.Tensor | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_items: list[tuple[Path, int]] | None = None
     resumed_from_step: int | None = None
+    _pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def ckpt_path(self) -> Path:
@@ -249,6 +266,16 @@ class TrainRun:
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return _autocast(self.device, self.amp_dtype)
+
+    @property
+    def pixel_stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalisation mean and std as [1, 3, 1, 1] tensors on the device (cached)."""
+        if self._pixel_stats is None:
+            shape = (1, 3, 1, 1)
+            mean = torch.tensor(self.preprocess.mean, device=self.device).view(shape)
+            std = torch.tensor(self.preprocess.std, device=self.device).view(shape)
+            self._pixel_stats = (mean, std)
+        return self._pixel_stats
 
     def payload(self) -> dict[str, Any]:
         """The resumable state (tensors still live: the checkpointer snapshots them)."""
@@ -286,6 +313,7 @@ def adapt(
     should_stop: Callable[[], bool] | None = None,
     on_checkpoint: Callable[[Path, int], None] | None = None,
     dist: DistContext | None = None,
+    prepared_cache: Path | None = None,
 ) -> AdaptationResult:
     """Adapt a CLIP zero-shot classifier to the unlabeled images in ``images_dir`` with MUST.
 
@@ -307,6 +335,9 @@ def adapt(
             checkpoint thread when ``cfg.async_checkpoint``).
         dist: the process group this rank belongs to (default: one process). Every rank calls
             ``adapt`` with the same arguments; rank 0 writes the output directory.
+        prepared_cache: a folder for the prepared (decoded once, resized) form of ``images_dir``:
+            reused when it holds one for this model's input size, else built there first
+            (:mod:`must_core.ml.prepared`). None: decode the raw files every epoch.
 
     Raises:
         MustError subclasses with stable codes (dataset_empty, model_load_failed, invalid_config,
@@ -323,6 +354,7 @@ def adapt(
         templates=validate_templates(list(templates) if templates else list(DEFAULT_TEMPLATES)),
         eval_dir=eval_dir,
         resume=resume,
+        prepared_cache=prepared_cache,
     )
     run = prepare(cfg, inputs, dist or DistContext(), hooks)
     try:
@@ -343,24 +375,26 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
     device = rank_device(dist, select_device(cfg))
     if dist.is_main:
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
-    scan = scan_images(inputs.images_dir)
+    # Seed first: random-weight bases (tests, benchmarks) and the mask-token init are then reproducible.
+    torch.manual_seed(cfg.seed)
+    base = load_base_model(inputs.base_model)
+    base.clip.to(device)  # the class prompts are encoded on the training device, in batches
+    model = build_must_model(
+        base, inputs.class_names, inputs.templates, logit_scale=cfg.logit_scale
+    ).cpu()
+    preprocess, model_cfg = base.preprocess, base.model_cfg
+    del base  # drop the text tower (spec §1.1.6)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    scan, prepared, data_stats = _scan_or_prepare(cfg, inputs, dist, device, preprocess.image_size)
     require_images(scan, inputs.images_dir)
     cfg, layout = _fit_batch(cfg, len(scan.files), dist.world_size)
     steps_per_epoch = len(scan.files) // layout.global_batch
     total_steps = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
-
-    # Seed first: random-weight bases (tests, benchmarks) and the mask-token init are then reproducible.
-    torch.manual_seed(cfg.seed)
-    base = load_base_model(inputs.base_model)
-    model = build_must_model(
-        base, inputs.class_names, inputs.templates, logit_scale=cfg.logit_scale
-    )
-    preprocess, model_cfg = base.preprocess, base.model_cfg
-    del base  # drop the text tower (spec §1.1.6)
     resuming = _resuming(inputs, dist, device)
     # A resumed run loads the trained token from the checkpoint: no need to decode images for it.
     if cfg.mask_token_init == "data_mean" and cfg.mask_ratio > 0 and not resuming:  # noqa: S105
-        _init_mask_token(model, scan.files, preprocess)
+        _init_mask_token(model, prepared or scan.files, preprocess)
     masks = MaskGenerator(
         model.image_size,
         resolve_mask_patch_size(model, cfg.mask_patch_size),
@@ -414,7 +448,38 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
         ),
         t_start=t_start,
         resuming=resuming,
+        prepared=prepared,
+        data_stats=data_stats,
     )
+
+
+def _scan_or_prepare(
+    cfg: MustConfig, inputs: RunInputs, dist: DistContext, device: torch.device, image_size: int
+) -> tuple[ScanResult, PreparedDataset | None, dict[str, Any]]:
+    """The usable images: a prepared dataset (reused, or built now by rank 0) or a plain scan."""
+    cache = inputs.prepared_cache
+    if cache is None:
+        scan = scan_images(inputs.images_dir)
+        return scan, None, {"prepared": False}
+    folder = prepared_dir(cache, short_side_for(image_size))
+    t0 = time.monotonic()
+    found = open_prepared(folder)
+    reused = found is not None
+    if found is None and dist.is_main:
+        workers = cfg.prepare_workers or os.cpu_count() or 1
+        _logger.info("preparing the dataset (%d processes) into %s", workers, folder)
+        found = prepare_folder(inputs.images_dir, folder, short_side_for(image_size), workers)
+    dist.barrier()  # the other ranks open what rank 0 built (a shared folder on one node)
+    prepared = found or open_prepared(folder)
+    if prepared is None:
+        raise DatasetError(f"the prepared dataset {folder} is missing on rank {dist.rank}")
+    stats = {
+        "prepared": True,
+        "short_side": prepared.short_side,
+        "reused": reused,
+        "prepare_seconds": round(time.monotonic() - t0, 3),
+    }
+    return prepared.scan(inputs.images_dir), prepared, stats
 
 
 def _resuming(inputs: RunInputs, dist: DistContext, device: torch.device) -> bool:
@@ -502,7 +567,7 @@ def _evaluate(run: TrainRun, net: torch.nn.Module) -> dict[str, Any]:
         device=run.device,
         batch_size=run.cfg.eval_batch_size,
         amp_dtype=run.amp_dtype,
-        num_workers=0,
+        num_workers=_loader_workers(run.cfg, run.device),
     )
     return res.to_dict()
 
@@ -521,10 +586,13 @@ def _make_loader(run: TrainRun) -> DataLoader[Any]:
         rank=run.dist.rank,
         world_size=run.dist.world_size,
     )
+    source: ImageSource = run.prepared or RawImages(
+        run.scan.files, draft_size=run.preprocess.image_size * 2
+    )
     dataset = MustTrainDataset(
-        run.scan.files,
-        weak_transform(run.preprocess),
-        strong_transform(
+        source,
+        WeakView(run.preprocess.image_size, run.preprocess.interpolation),
+        StrongView(
             run.preprocess,
             cfg.strong_crop_scale,
             cfg.randaug_num_ops,
@@ -533,7 +601,6 @@ def _make_loader(run: TrainRun) -> DataLoader[Any]:
         ),
         run.masks,
         seed=cfg.seed,
-        draft_size=run.preprocess.image_size * 2,
     )
     workers = _loader_workers(cfg, run.device)
     return DataLoader(
@@ -556,8 +623,10 @@ def _next_global_batch(run: TrainRun, batches: Iterator[Any]) -> list[MicroBatch
             weak, strong, mask = next(batches)
         except StopIteration:  # sampler exhausted (cannot happen unless the dataset shrank)
             return None
+        weak, strong, mask = (t.to(run.device, non_blocking=True) for t in (weak, strong, mask))
+        mean, std = run.pixel_stats
         micro.append(
-            tuple(t.to(run.device, non_blocking=True) for t in (weak, strong, mask))  # type: ignore[misc]
+            (normalize_on_device(weak, mean, std), normalize_on_device(strong, mean, std), mask)
         )
     return micro
 
@@ -679,6 +748,7 @@ def finalize(run: TrainRun, stopped: bool) -> AdaptationResult:
     run.metrics["total_steps"] = run.total_steps
     run.metrics["num_images"] = run.n
     run.metrics["num_skipped"] = run.scan.num_skipped
+    run.metrics["dataset_cache"] = run.data_stats
     run.metrics["train_seconds"] = time.monotonic() - run.t_start
     run.save(wait=True)
     paths = _export(run) if run.dist.is_main else {}

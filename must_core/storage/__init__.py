@@ -2,7 +2,13 @@
 
 from must_core.storage.base import ArtifactStore, StorageError
 from must_core.storage.factory import make_store
-from must_core.storage.keys import checkpoint_key, job_prefix, metrics_key, model_key
+from must_core.storage.keys import (
+    checkpoint_key,
+    job_prefix,
+    metrics_key,
+    model_key,
+    prepared_prefix,
+)
 
 __all__ = [
     "ArtifactStore",
@@ -12,4 +18,5 @@ __all__ = [
     "make_store",
     "metrics_key",
     "model_key",
+    "prepared_prefix",
 ]

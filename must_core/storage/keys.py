@@ -24,3 +24,8 @@ def model_prefix(job_id: uuid.UUID | str) -> str:
 
 def metrics_key(job_id: uuid.UUID | str) -> str:
     return f"jobs/{job_id}/metrics.json"
+
+
+def prepared_prefix(tenant_id: uuid.UUID | str, content_key: str) -> str:
+    """The prepared (decoded once) form of a dataset, per tenant, named by the dataset's content."""
+    return f"prepared/{tenant_id}/{content_key}/"
