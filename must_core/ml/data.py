@@ -8,124 +8,31 @@ from __future__ import annotations
 
 import logging
 import random
-import warnings
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms as T
 
 from must_core.errors import DatasetError, EmptyDatasetError
+from must_core.ml.images import (  # re-exported: the engine's image API lives in data
+    IMAGE_EXTENSIONS as IMAGE_EXTENSIONS,
+)
+from must_core.ml.images import MAX_IMAGE_PIXELS as MAX_IMAGE_PIXELS
+from must_core.ml.images import ScanResult as ScanResult
+from must_core.ml.images import decode_reason as decode_reason
+from must_core.ml.images import list_candidate_files as list_candidate_files
+from must_core.ml.images import load_image as load_image
+from must_core.ml.images import scan_images as scan_images
+from must_core.ml.images import to_rgb as to_rgb
 from must_core.ml.masking import MaskGenerator
 from must_core.ml.model import Preprocess
 
 _logger = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"})
-# Decompression-bomb guard: refuse images above this many pixels (PIL warns at 89 M by default).
-MAX_IMAGE_PIXELS = 178_956_970
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-@dataclass
-class ScanResult:
-    """Decodable images found under a folder, plus what was skipped and why."""
-
-    files: list[Path]
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
-
-    @property
-    def num_skipped(self) -> int:
-        return len(self.skipped)
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """EXIF-rotate and convert any mode (L, P, CMYK, I;16, RGBA/LA with alpha) to RGB.
-
-    Transparent pixels are composited on white so that their hidden colour does not leak in.
-    """
-    img = ImageOps.exif_transpose(img) or img
-    if img.mode == "RGB":
-        return img
-    if img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = float(arr.max()) or 1.0
-        img = Image.fromarray((arr / hi * 255.0).clip(0, 255).astype(np.uint8))
-    return img.convert("RGB")
-
-
-def load_image(path: Path, draft_size: int | None = None) -> Image.Image:
-    """Decode an image file fully to RGB. Raises OSError/ValueError/DecompressionBombError on bad files.
-
-    ``draft_size`` lets JPEG decode at reduced scale (still >= the requested size) to save CPU.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
-            if draft_size is not None and img.format == "JPEG":
-                img.draft("RGB", (draft_size, draft_size))
-            img.load()
-            return to_rgb(img)
-
-
-def decode_reason(exc: BaseException) -> str:
-    """A short reason why a file is not a usable image, for the skipped-file report."""
-    if isinstance(exc, Image.DecompressionBombError | Image.DecompressionBombWarning):
-        return "image too large (decompression bomb guard)"
-    if isinstance(exc, OSError | ValueError | SyntaxError | UnidentifiedImageError):
-        return f"not a decodable image ({type(exc).__name__})"
-    return f"decode error ({type(exc).__name__})"
-
-
-def _probe(path: Path) -> str | None:
-    """None if the file decodes, else a short reason."""
-    try:
-        img = load_image(path, draft_size=64)
-        if img.width < 1 or img.height < 1:
-            return "empty image"
-    except Exception as exc:  # a corrupt file must never abort a scan
-        return decode_reason(exc)
-    return None
-
-
-def list_candidate_files(root: Path) -> list[Path]:
-    """Files with an image extension under root (recursive, sorted, symlinks not followed out)."""
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found or not a directory: {root}")
-    out = []
-    for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."):
-            out.append(p)
-    return out
-
-
-def scan_images(root: Path, workers: int = 4) -> ScanResult:
-    """Find every decodable image under ``root``; corrupt/unreadable files are skipped and counted."""
-    candidates = list_candidate_files(root)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        reasons = list(pool.map(_probe, candidates))
-    files, skipped = [], []
-    for path, reason in zip(candidates, reasons, strict=True):
-        if reason is None:
-            files.append(path)
-        else:
-            skipped.append((str(path.relative_to(root)), reason))
-    if skipped:
-        _logger.warning("skipped %d undecodable files under %s", len(skipped), root)
-    return ScanResult(files=files, skipped=skipped)
 
 
 def require_images(scan: ScanResult, root: Path) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from must_core.ml.data import ScanResult, decode_reason, list_candidate_files, load_image
+from must_core.ml.images import ScanResult, decode_reason, list_candidate_files, load_image
 
 FORMAT = "must-prepared/1"
 META_FILE = "meta.json"

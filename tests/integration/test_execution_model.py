@@ -149,3 +149,35 @@ def test_sigkill_mid_upload_publishes_no_partial_checkpoint_and_leaves_no_traine
     assert job["status"] == "succeeded", (job, second.log()[-4000:])
     assert job["resumed_from_step"] == stored["step"] and job["progress"]["step"] == total
     assert "resumed from" in second.log()
+
+
+def test_second_job_on_the_same_data_reuses_the_prepared_dataset(
+    service_env: dict[str, str],
+    log_dir: Path,
+    client_a: httpx.Client,
+    upload: Any,
+    tiny_config_uri: str,
+    s3: dict[str, Any],
+    stamp: str,
+) -> None:
+    files = make_images(4, ["red", "green", "blue"], seed=10)
+    files["broken.png"] = b"not an image"
+    dataset = upload(f"prepared-{stamp}", files)
+    worker = start_worker(service_env, log_dir, "w-prepared")
+    try:
+        jobs = []
+        for _ in range(2):
+            r = client_a.post("/v1/jobs", json=job_body(dataset, tiny_config_uri, min_steps=3))
+            assert r.status_code == 202, r.text
+            jobs.append(wait_job(client_a, r.json()["id"], {"succeeded", "failed"}, 180))
+    finally:
+        worker.stop()
+    assert [j["status"] for j in jobs] == ["succeeded", "succeeded"], worker.log()[-3000:]
+    first, second = (j["metrics"]["dataset_cache"] for j in jobs)
+    assert first["prepared"] and not first["reused"]
+    assert second["reused"] and second["key"] == first["key"]
+    assert worker.log().count("preparing the dataset") == 1  # the second job did not prepare again
+    assert jobs[1]["dataset"]["num_skipped"] == 1 and jobs[1]["dataset"]["num_images"] == 12
+    listed = s3["client"].list_objects_v2(Bucket=s3["bucket"], Prefix="prepared/")["Contents"]
+    keys = {o["Key"].rsplit("/", 1)[-1] for o in listed if first["key"] in o["Key"]}
+    assert {"meta.json", "index.npy", "pixels-0.u8"} <= keys
