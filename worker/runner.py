@@ -178,6 +178,7 @@ class JobRunner:
             num_workers=w.num_workers,
             checkpoint_every_steps=w.checkpoint_every_steps,
             progress_every_steps=w.progress_every_steps,
+            prepare_workers=max(1, self.settings.worker_threads),
         )
         out = work / "output"
         out.mkdir()

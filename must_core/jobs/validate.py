@@ -19,6 +19,7 @@ RUNTIME_KEYS = frozenset(
         "progress_every_steps",
         "stop_check_every_steps",
         "async_checkpoint",
+        "prepare_workers",
     }
 )
 

@@ -129,6 +129,9 @@ class MustConfig(BaseModel):
     num_processes: int = Field(1, ge=1, le=64)
     # Under DDP rank 0 polls should_stop every this many steps and broadcasts it (one tiny all-reduce).
     stop_check_every_steps: int = Field(10, ge=1)
+    # torch.compile of the student and teacher forward: "auto" compiles on CUDA only (on CPU the
+    # compile time rarely pays back); a forward that cannot compile falls back to eager.
+    torch_compile: Literal["auto", "on", "off"] = "auto"
     # Processes that decode the dataset once into its prepared form; None: all cores.
     prepare_workers: int | None = Field(None, ge=1, le=256)
     # Serialise checkpoints on a background thread (at most one in flight) instead of the training one.

@@ -20,6 +20,7 @@ With one process and one micro-batch this reduces to :func:`must_step_losses`, t
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from must_core.ml.distributed import BatchLayout, DistContext
+from must_core.ml.config import BatchLayout
+from must_core.ml.distributed import DistContext
 from must_core.ml.losses import (
     LossWeights,
     align_loss,
@@ -39,6 +41,8 @@ from must_core.ml.losses import (
     total_loss,
 )
 from must_core.ml.model import MaskedOutput, MustModel
+
+_logger = logging.getLogger(__name__)
 
 LOSS_KEYS = ("loss", "st", "fair", "mim", "align", "conf_ratio")
 MicroBatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (weak, strong, mask)
@@ -85,7 +89,7 @@ def must_step_losses(
 
 
 def teacher_pass(
-    teacher: nn.Module, weak: torch.Tensor, conf_threshold: float
+    teacher: Callable[[torch.Tensor], torch.Tensor], weak: torch.Tensor, conf_threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-labels and the confident set from the unmasked weak view (no host sync)."""
     with torch.inference_mode():
@@ -112,6 +116,9 @@ class GlobalStep:
     weights: LossWeights
     moving_average_fairness: bool
     autocast: Callable[[], contextlib.AbstractContextManager[Any]]
+    # The forward calls (torch.compile'd where enabled); default: the modules themselves.
+    student_forward: Callable[..., Any] | None = None
+    teacher_forward: Callable[..., Any] | None = None
 
     def __call__(
         self, micro: Sequence[MicroBatch], fair_state: torch.Tensor | None
@@ -122,7 +129,8 @@ class GlobalStep:
         """
         m_steps = len(micro)
         with self.autocast():
-            labels = [teacher_pass(self.teacher, w, self.conf_threshold) for w, _, _ in micro]
+            teacher = self.teacher_forward or self.teacher
+            labels = [teacher_pass(teacher, w, self.conf_threshold) for w, _, _ in micro]
         count = torch.stack([c.sum() for _, c in labels]).sum().float()
         confident_total = self.dist.all_reduce_sum(count).clamp_min(1.0)
         p_global = self._marginal_prepass(micro) if m_steps > 1 else None
@@ -133,7 +141,7 @@ class GlobalStep:
         ):
             sync = i == m_steps - 1
             with self._no_sync(not sync), self.autocast():
-                out = self.student(strong, mask)
+                out = (self.student_forward or self.student)(strong, mask)
                 assert isinstance(out, MaskedOutput)
                 ce = F.cross_entropy(out.logits.float(), pseudo, reduction="none")
                 st_sum = (ce * confident.to(ce.dtype)).sum()
@@ -189,3 +197,24 @@ class GlobalStep:
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager[Any]:
         no_sync = getattr(self.student, "no_sync", None)
         return no_sync() if skip and no_sync is not None else contextlib.nullcontext()
+
+
+class CompiledOrEager:
+    """A ``torch.compile``'d forward that falls back to the eager module for good if compiling fails.
+
+    Compilation happens at the first call (and again for new shapes); a backend that cannot compile
+    here (no compiler, an unsupported op) must cost a warning, not the job.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.compiled: Callable[..., Any] | None = torch.compile(module)
+
+    def __call__(self, *args: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # compile errors surface at the call; fall back, once
+                _logger.warning("torch.compile failed (%s); running eager", type(exc).__name__)
+                self.compiled = None
+        return self.module(*args)

@@ -68,7 +68,7 @@ from must_core.ml.prepared import (
     prepared_dir,
     short_side_for,
 )
-from must_core.ml.step import LOSS_KEYS, GlobalStep, MicroBatch
+from must_core.ml.step import LOSS_KEYS, CompiledOrEager, GlobalStep, MicroBatch
 from must_core.ml.step import must_step_losses as must_step_losses
 from must_core.ml.templates import DEFAULT_TEMPLATES, validate_class_names, validate_templates
 
@@ -655,6 +655,7 @@ def train_steps(run: TrainRun, hooks: RunHooks) -> bool:
         weights=LossWeights(fair=cfg.fair_weight, mim=cfg.mim_weight, align=cfg.align_weight),
         moving_average_fairness=run.model.num_classes >= cfg.fair_moving_average_min_classes,
         autocast=run.autocast,
+        **_compiled_forwards(run),
     )
     loader = _make_loader(run)
     batches: Iterator[Any] = iter(loader)
@@ -686,6 +687,16 @@ def train_steps(run: TrainRun, hooks: RunHooks) -> bool:
             run.save()
     del loader, batches
     return stopped or run.step < run.total_steps
+
+
+def _compiled_forwards(run: TrainRun) -> dict[str, Any]:
+    mode = run.cfg.torch_compile
+    if mode == "off" or (mode == "auto" and run.device.type != "cuda"):
+        return {}
+    return {
+        "student_forward": CompiledOrEager(run.student),
+        "teacher_forward": CompiledOrEager(run.teacher),
+    }
 
 
 class _IntervalMeter:
