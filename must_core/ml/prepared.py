@@ -68,7 +68,7 @@ class PreparedDataset:
         if pixels is None:  # opened lazily: each loader worker maps the shards it reads
             pixels = np.memmap(self.root / f"pixels-{shard}.u8", dtype=np.uint8, mode="r")
             self._shards[shard] = pixels
-        return np.asarray(pixels[offset : offset + h * w * 3]).reshape(h, w, 3)
+        return np.array(pixels[offset : offset + h * w * 3]).reshape(h, w, 3)  # a private copy
 
     def load(self, i: int) -> Image.Image:
         return Image.fromarray(self.image(i))
@@ -105,7 +105,7 @@ def _resize_short(img: Image.Image, short_side: int) -> Image.Image:
     cap = round(short_side * MAX_ASPECT)
     box_w, box_h = min(nw, cap), min(nh, cap)
     # centre-crop an extreme aspect ratio in source coordinates, then resize once
-    cw, ch = box_w / scale, box_h / scale
+    cw, ch = min(w, box_w / scale), min(h, box_h / scale)  # rounding may overshoot by a hair
     left, top = (w - cw) / 2, (h - ch) / 2
     return img.resize(
         (box_w, box_h), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch)

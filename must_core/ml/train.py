@@ -591,7 +591,7 @@ def _make_loader(run: TrainRun) -> DataLoader[Any]:
     )
     dataset = MustTrainDataset(
         source,
-        WeakView(run.preprocess.image_size, run.preprocess.interpolation),
+        WeakView(run.preprocess.image_size),
         StrongView(
             run.preprocess,
             cfg.strong_crop_scale,

@@ -28,6 +28,7 @@ def _folder(tmp_path: Path) -> Path:
     data = tmp_path / "d"
     write_images(data, 5, size=(40, 48))
     write_images(data / "sub", 2, seed=1, size=(30, 200), fmt="jpg")  # extreme aspect ratio
+    write_images(data / "photo", 1, seed=2, size=(375, 500), fmt="jpg")  # rounding at the edge
     (data / "broken.png").write_bytes(b"not an image")
     (data / "notes.txt").write_text("ignored")
     return data
@@ -36,7 +37,7 @@ def _folder(tmp_path: Path) -> Path:
 def test_prepare_decodes_once_counts_corrupt_files_and_reopens(tmp_path: Path) -> None:
     data = _folder(tmp_path)
     prepared = prepare_folder(data, tmp_path / "p", short_side=37, workers=2)
-    assert len(prepared) == 7
+    assert len(prepared) == 8
     assert prepared.skipped == [("broken.png", "not a decodable image (UnidentifiedImageError)")]
     for i in range(len(prepared)):
         img = prepared.image(i)
@@ -69,8 +70,8 @@ def test_views_are_uint8_and_the_weak_view_never_mirrors(tiny_spec: Any) -> None
     pp = load_base_model(tiny_spec).preprocess
     arr = np.zeros((32, 48, 3), dtype=np.uint8)
     arr[:, :4] = 255  # bright left edge
-    img = Image.fromarray(arr)
-    weak, strong = WeakView(pp.image_size, pp.interpolation), StrongView(pp, num_ops=2)
+    img = arr
+    weak, strong = WeakView(pp.image_size), StrongView(pp, num_ops=2)
     for seed in range(20):
         torch.manual_seed(seed)
         w, s = weak(img), strong(img)
