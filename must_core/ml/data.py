@@ -7,6 +7,7 @@ may contain anything: files that are not decodable images are skipped and counte
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -188,8 +189,8 @@ class WeakView:
     def __call__(self, arr: np.ndarray) -> torch.Tensor:
         h, w = arr.shape[:2]
         side = min(w, h)
-        left = int(torch.randint(0, w - side + 1, (1,)))
-        top = int(torch.randint(0, h - side + 1, (1,)))
+        left = random.randint(0, w - side)  # noqa: S311 - augmentation, seeded per sample
+        top = random.randint(0, h - side)  # noqa: S311
         return _crop_resize(_hwc_to_tensor(arr), top, left, side, side, self.size)
 
 
@@ -211,7 +212,7 @@ class StrongView:
         from timm.data.auto_augment import rand_augment_transform  # type: ignore[attr-defined]
 
         self.size = pp.image_size
-        self.crop = T.RandomResizedCrop(pp.image_size, scale=scale)
+        self.scale = scale
         self.augment = None
         if num_ops > 0:
             hparams = {
@@ -224,14 +225,38 @@ class StrongView:
 
     def __call__(self, arr: np.ndarray) -> torch.Tensor:
         x = _hwc_to_tensor(arr)
-        top, left, h, w = self.crop.get_params(x, list(self.crop.scale), list(self.crop.ratio))
+        top, left, h, w = _resized_crop_params(arr.shape[0], arr.shape[1], self.scale)
         out = _crop_resize(x, top, left, h, w, self.size)
-        if float(torch.rand(1)) < 0.5:
+        if random.random() < 0.5:  # noqa: S311 - augmentation, seeded per sample
             out = out.flip(-1)
         if self.augment is None:
             return out
-        img = Image.fromarray(out.permute(1, 2, 0).numpy())
+        img = Image.fromarray(out.permute(1, 2, 0).contiguous().numpy())  # no strided copy in PIL
         return to_uint8_tensor(self.augment(img))
+
+
+def _resized_crop_params(
+    height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's (top, left, h, w): torchvision's sampling rule (10 tries, then the
+    centre crop clipped to the ratio range), drawn from the per-sample-seeded python RNG."""
+    area = height * width
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * random.uniform(*scale)  # noqa: S311
+        aspect = math.exp(random.uniform(log_lo, log_hi))  # noqa: S311
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return random.randint(0, height - h), random.randint(0, width - w), h, w  # noqa: S311
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif in_ratio > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def _cap_posterize(augment: object) -> None:
