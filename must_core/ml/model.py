@@ -353,6 +353,27 @@ def _check_visual(visual: Any) -> None:
         raise ModelLoadError("unsupported vision tower for MUST: " + ", ".join(problems))
 
 
+def base_image_size(spec: BaseModelSpec) -> int | None:
+    """The input size of the base model, read from its config without building it (None: unknown
+    here; building the model will say why)."""
+    import open_clip
+
+    try:
+        if spec.config is not None:
+            cfg = _read_json(Path(spec.config))
+        elif spec.arch.startswith("local-dir:"):
+            folder = Path(spec.arch.split(":", 1)[1])
+            cfg = _read_json(folder / "open_clip_config.json").get("model_cfg") or {}
+        else:
+            cfg = open_clip.get_model_config(spec.arch) or {}
+        size = cfg.get("vision_cfg", {}).get("image_size")
+    except (OSError, ValueError, ModelLoadError):
+        return None
+    if isinstance(size, list | tuple):
+        size = size[0]
+    return int(size) if isinstance(size, int | float) else None
+
+
 def build_must_model(
     base: BaseModel, class_names: list[str], templates: list[str], logit_scale: float = 100.0
 ) -> MustModel:

@@ -56,6 +56,7 @@ from must_core.ml.masking import MaskGenerator
 from must_core.ml.model import (
     MustModel,
     Preprocess,
+    base_image_size,
     build_must_model,
     load_base_model,
     resolve_mask_patch_size,
@@ -375,6 +376,14 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
     device = rank_device(dist, select_device(cfg))
     if dist.is_main:
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
+    # The data first: an empty or undecodable dataset fails before any model is built.
+    image_size = base_image_size(inputs.base_model)
+    scan, prepared, data_stats = _scan_or_prepare(cfg, inputs, dist, image_size)
+    require_images(scan, inputs.images_dir)
+    cfg, layout = _fit_batch(cfg, len(scan.files), dist.world_size)
+    steps_per_epoch = len(scan.files) // layout.global_batch
+    total_steps = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
+
     # Seed first: random-weight bases (tests, benchmarks) and the mask-token init are then reproducible.
     torch.manual_seed(cfg.seed)
     base = load_base_model(inputs.base_model)
@@ -386,11 +395,6 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
     del base  # drop the text tower (spec §1.1.6)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    scan, prepared, data_stats = _scan_or_prepare(cfg, inputs, dist, device, preprocess.image_size)
-    require_images(scan, inputs.images_dir)
-    cfg, layout = _fit_batch(cfg, len(scan.files), dist.world_size)
-    steps_per_epoch = len(scan.files) // layout.global_batch
-    total_steps = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
     resuming = _resuming(inputs, dist, device)
     # A resumed run loads the trained token from the checkpoint: no need to decode images for it.
     if cfg.mask_token_init == "data_mean" and cfg.mask_ratio > 0 and not resuming:  # noqa: S105
@@ -454,11 +458,11 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
 
 
 def _scan_or_prepare(
-    cfg: MustConfig, inputs: RunInputs, dist: DistContext, device: torch.device, image_size: int
+    cfg: MustConfig, inputs: RunInputs, dist: DistContext, image_size: int | None
 ) -> tuple[ScanResult, PreparedDataset | None, dict[str, Any]]:
     """The usable images: a prepared dataset (reused, or built now by rank 0) or a plain scan."""
     cache = inputs.prepared_cache
-    if cache is None:
+    if cache is None or image_size is None:
         scan = scan_images(inputs.images_dir)
         return scan, None, {"prepared": False}
     folder = prepared_dir(cache, short_side_for(image_size))
