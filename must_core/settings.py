@@ -142,6 +142,13 @@ class ClassifySettings(BaseModel):
     max_image_bytes: int = Field(10 * 2**20, ge=1)  # per encoded image (413 above)
     max_request_bytes: int = Field(64 * 2**20, ge=1)  # whole request body (413 above)
     max_image_pixels: int = Field(40_000_000, ge=1)  # width*height; decompression-bomb guard (413)
+    # Longest side per image (413): the eval resize scales the shortest side up to the model's input,
+    # so a 300000x1 image would be upscaled to gigapixels whatever the pixel cap says.
+    max_image_side: int = Field(12_000, ge=1)
+    # Sum of width*height over the images of one request, checked from the headers before any decode
+    # (413). Images are decoded one at a time, so peak memory is ~3 bytes x 3 copies x the largest
+    # image, not the sum.
+    max_request_pixels: int = Field(200_000_000, ge=1)
     cache_memory_mb: int = Field(2048, ge=1)  # loaded classifiers kept in an LRU up to this size
     batching: bool = True  # merge concurrent requests for one model into one forward pass
     max_batch: int = Field(32, ge=1, le=4096)  # images per merged forward pass

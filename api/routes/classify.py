@@ -24,7 +24,8 @@ from must_core.jobs import queries
 from must_core.jobs.schemas import BaseModelRequest
 from must_core.jobs.states import JobStatus
 from must_core.ml.inference import Prediction
-from must_core.serving.images import decode_base64, decode_image
+from must_core.serving.engine import Served
+from must_core.serving.images import ImageLimits, check_request, decode_base64, decode_image
 from must_core.settings import Settings
 
 _logger = logging.getLogger(__name__)
@@ -162,11 +163,22 @@ def _results(preds: list[Prediction]) -> list[ImageResult]:
     ]
 
 
-def _decode_all(raw: list[bytes], settings: Settings) -> list[Any]:
+def _limits(settings: Settings) -> ImageLimits:
     c = settings.classify
-    return [
-        decode_image(b, max_bytes=c.max_image_bytes, max_pixels=c.max_image_pixels) for b in raw
-    ]
+    return ImageLimits(
+        max_bytes=c.max_image_bytes,
+        max_pixels=c.max_image_pixels,
+        max_side=c.max_image_side,
+        max_request_pixels=c.max_request_pixels,
+    )
+
+
+def _classify(served: Served, raws: list[bytes], settings: Settings, top_k: int) -> list[Any]:
+    """Header checks of the whole request first, then one decoded image at a time."""
+    limits = _limits(settings)
+    check_request(raws, limits)
+    preds = served.classify_encoded(raws, lambda raw, side: decode_image(raw, limits, side), top_k)
+    return _results(preds)
 
 
 @router.post("/models/{model_id}/classify", response_model=ClassifyResponse, responses=_PROBLEMS)
@@ -194,10 +206,10 @@ async def classify_adapted(
                     ) from None
                 model = queries.get_model(session, tenant, job.model_id)
             session.expunge(model)
-        images = _decode_all(parsed.images, settings)
+        check_request(parsed.images, _limits(settings))  # refuse before loading the model
         served = serving.adapted(model)
-        preds = served.classify(images, parsed.top_k)
-        return ClassifyResponse(model_id=model.id, results=_results(preds))
+        results = _classify(served, parsed.images, settings, parsed.top_k)
+        return ClassifyResponse(model_id=model.id, results=results)
 
     return await run_in_threadpool(work)
 
@@ -240,10 +252,9 @@ async def classify_zero_shot(
     serving = request.app.state.serving
 
     def work() -> ClassifyResponse:
-        images = _decode_all(parsed.images, settings)
+        check_request(parsed.images, _limits(settings))
         served = serving.zero_shot(bm, class_names, templates)
-        return ClassifyResponse(
-            base_model=bm, results=_results(served.classify(images, parsed.top_k))
-        )
+        results = _classify(served, parsed.images, settings, parsed.top_k)
+        return ClassifyResponse(base_model=bm, results=results)
 
     return await run_in_threadpool(work)
