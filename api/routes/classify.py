@@ -21,6 +21,7 @@ from starlette.datastructures import UploadFile
 from api.deps import SettingsDep, ShortTenantDep
 from api.errors import ApiError
 from must_core.jobs import queries
+from must_core.jobs.inputs import check_json_value
 from must_core.jobs.schemas import BaseModelRequest
 from must_core.jobs.states import JobStatus
 from must_core.ml.inference import Prediction
@@ -154,6 +155,10 @@ async def _parse(request: Request, settings: Settings) -> _Parsed:
         )
     if not images:
         raise ApiError("validation_error", "at least one image is required")
+    try:
+        check_json_value(fields)
+    except ValueError as exc:
+        raise ApiError("validation_error", str(exc)) from None
     return _Parsed(images=images, top_k=_top_k(fields.get("top_k")), fields=fields)
 
 

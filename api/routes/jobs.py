@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, status
 
 from api.deps import QueueDep, SessionDep, SettingsDep, TenantDep
 from must_core.jobs import queries
+from must_core.jobs.inputs import INT64_MAX
 from must_core.jobs.dispatch import job_processes
 from must_core.jobs.schemas import JobCreate, JobList, JobRead, StatusFilter
 from must_core.jobs.validate import validate_job
@@ -57,7 +58,7 @@ def list_jobs(
     settings: SettingsDep,
     status_: StatusFilter | None = Query(None, alias="status"),
     limit: int = Query(20, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=INT64_MAX),
 ) -> JobList:
     """The caller's jobs, newest first, optionally filtered by status."""
     limit = min(limit, settings.api.max_page_size)

@@ -6,8 +6,9 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from must_core.jobs.inputs import MAX_SEED, check_json_value
 from must_core.jobs.states import JobStatus
 
 
@@ -41,11 +42,17 @@ class JobParams(BaseModel):
     num_processes: int | None = Field(None, ge=1, le=64)
     lr: float | None = Field(None, gt=0, le=1.0)
     min_steps: int | None = Field(None, ge=0, le=10_000_000)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        check_json_value(data)  # every string, key and number, before any field rule
+        return data
 
     dataset_uri: str = Field(..., min_length=1, max_length=4096)
     class_names: list[str] = Field(..., min_length=2)

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.bad_inputs import BAD_JOB_PATCHES, BAD_LIST_QUERIES, raw_json
 from tests.integration.conftest import job_body
 
 pytestmark = pytest.mark.integration
@@ -137,3 +138,19 @@ def test_tenant_isolation_and_queued_cancel(
     listed = client_a.get("/v1/jobs", params={"status": "cancelled", "limit": 5}).json()
     assert jid in [j["id"] for j in listed["items"]] and listed["limit"] == 5
     assert client_a.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
+
+
+@pytest.mark.parametrize("patch", BAD_JOB_PATCHES, ids=lambda p: ascii(p)[:40])
+def test_unstorable_input_is_422_and_commits_nothing_on_postgres(
+    api: str, cli: Any, tiny_config_uri: str, patch: dict[str, Any]
+) -> None:
+    key = cli("keys", "create", "--tenant", "tenant-bad-input").stdout.strip()
+    headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+    body = {**job_body("s3://test-must-datasets/none/", tiny_config_uri), **patch}
+    r = httpx.post(f"{api}/v1/jobs", headers=headers, content=raw_json(body))
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    listed = httpx.get(f"{api}/v1/jobs", headers=headers)
+    assert listed.status_code == 200 and listed.json()["total"] == 0
+    for query in BAD_LIST_QUERIES:
+        assert httpx.get(f"{api}/v1/jobs", headers=headers, params=query).status_code == 422

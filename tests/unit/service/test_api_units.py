@@ -15,6 +15,7 @@ from must_core import auth
 from must_core.cli.service import upgrade_database
 from must_core.db.session import make_engine, make_sessionmaker, session_scope
 from must_core.settings import Settings
+from tests.bad_inputs import BAD_JOB_PATCHES, BAD_LIST_QUERIES, raw_json
 
 
 def _settings(tmp_path: Path, **extra: Any) -> Settings:
@@ -98,3 +99,27 @@ def test_readyz_reports_unreachable_broker(tmp_path: Path) -> None:
         assert checks["database"] == "ok" and checks["storage"] == "ok"
         assert checks["broker"].startswith("error")
         assert c.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("patch", BAD_JOB_PATCHES, ids=lambda p: ascii(p)[:40])
+def test_unstorable_input_is_422_and_commits_nothing(
+    client: TestClient, settings: Settings, patch: dict[str, Any]
+) -> None:
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}", "content-type": "application/json"}
+    data = settings.data_dir / "ds"
+    data.mkdir(exist_ok=True)
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"], **patch}
+    r = client.post("/v1/jobs", headers=headers, content=raw_json(body))
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    listed = client.get("/v1/jobs", headers=headers)
+    assert listed.status_code == 200 and listed.json()["total"] == 0
+
+
+@pytest.mark.parametrize("query", BAD_LIST_QUERIES, ids=str)
+def test_out_of_range_pagination_is_422(
+    client: TestClient, settings: Settings, query: dict[str, str]
+) -> None:
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}"}
+    for path in ("/v1/jobs", "/v1/models"):
+        assert client.get(path, headers=headers, params=query).status_code == 422
