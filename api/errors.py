@@ -90,7 +90,7 @@ class ApiError(MustError):
 
 def problem(
     request: Request, code: str, detail: str, status: int | None = None, **extra: Any
-) -> JSONResponse:
+) -> ProblemResponse:
     st, title = STATUS.get(code, (status or 500, code.replace("_", " ").capitalize()))
     body = {
         "type": f"/problems/{code}",
@@ -114,7 +114,7 @@ def install(app: FastAPI) -> None:
         return problem(request, exc.code, exc.message, status)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> ProblemResponse:
         errors = [
             {"loc": list(e.get("loc", ())), "msg": str(e.get("msg")), "type": str(e.get("type"))}
             for e in exc.errors()
@@ -124,14 +124,14 @@ def install(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
         code = {404: "not_found", 401: "unauthorized", 405: "method_not_allowed"}.get(
             exc.status_code, f"http_{exc.status_code}"
         )
         return problem(request, code, str(exc.detail), exc.status_code)
 
     @app.exception_handler(Exception)
-    async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
+    async def _unhandled(request: Request, exc: Exception) -> ProblemResponse:
         request_id = getattr(request.state, "request_id", None) or uuid.uuid4().hex
         _logger.error("unhandled error (request_id=%s)", request_id, exc_info=exc)
         return problem(

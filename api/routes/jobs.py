@@ -10,8 +10,8 @@ from fastapi import APIRouter, Query, status
 
 from api.deps import QueueDep, SessionDep, SettingsDep, TenantDep
 from must_core.jobs import queries
-from must_core.jobs.inputs import INT64_MAX
 from must_core.jobs.dispatch import job_processes
+from must_core.jobs.inputs import INT64_MAX
 from must_core.jobs.schemas import JobCreate, JobList, JobRead, StatusFilter
 from must_core.jobs.validate import validate_job
 from must_core.jobs.views import job_view

@@ -17,33 +17,33 @@ REPO = Path(__file__).resolve().parents[3]
 CLIENT_ONLY = {REPO / "must_core" / "cli" / "client.py"}
 
 
+def _str(node: ast.AST | None) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _codes_of(node: ast.AST) -> list[str | None]:
+    if isinstance(node, ast.Assign):  # code = "x" in an error class
+        return [
+            _str(node.value) for t in node.targets if isinstance(t, ast.Name) and t.id == "code"
+        ]
+    if isinstance(node, ast.Call):  # code="x" arguments and ApiError("x", ...)
+        found = [_str(kw.value) for kw in node.keywords if kw.arg in ("code", "error_code")]
+        name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+        if name == "ApiError" and node.args:
+            found.append(_str(node.args[0]))
+        return found
+    if isinstance(node, ast.Dict):  # {"error_code": "worker_lost", ...} row updates
+        return [
+            _str(v)
+            for k, v in zip(node.keys, node.values, strict=True)
+            if _str(k) in ("code", "error_code")
+        ]
+    return []
+
+
 def _codes_in(path: Path) -> set[str]:
-    """``code = "x"`` in error classes, ``code="x"`` keyword arguments and ``ApiError("x", …)``."""
-    codes: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Assign) and any(
-            isinstance(t, ast.Name) and t.id == "code" for t in node.targets
-        ):
-            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
-                codes.add(node.value.value)
-        if isinstance(node, ast.Call):
-            for kw in node.keywords:
-                value = kw.value.value if isinstance(kw.value, ast.Constant) else None
-                if kw.arg in ("code", "error_code") and isinstance(value, str):
-                    codes.add(value)
-            name = getattr(node.func, "id", getattr(node.func, "attr", ""))
-            if name == "ApiError" and node.args and isinstance(node.args[0], ast.Constant):
-                codes.add(str(node.args[0].value))
-        if isinstance(node, ast.Dict):  # {"error_code": "worker_lost", ...} row updates
-            for k, v in zip(node.keys, node.values, strict=True):
-                if (
-                    isinstance(k, ast.Constant)
-                    and k.value in ("code", "error_code")
-                    and isinstance(v, ast.Constant)
-                    and isinstance(v.value, str)
-                ):
-                    codes.add(v.value)
-    return codes
+    tree = ast.parse(path.read_text())
+    return {c for node in ast.walk(tree) for c in _codes_of(node) if c is not None}
 
 
 def _server_codes() -> set[str]:
