@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from must_core.errors import MustError
 
@@ -27,6 +28,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "unauthorized": (401, "Missing or invalid API key"),
     "too_many_requests": (429, "Too many failed authentications"),
     "method_not_allowed": (405, "Method not allowed"),
+    "bad_request": (400, "Body cannot be parsed"),
     "validation_error": (422, "Invalid request"),
     "invalid_config": (422, "Invalid hyperparameters"),
     "invalid_uri": (422, "Invalid URI"),
@@ -105,6 +107,15 @@ def problem(
     return ProblemResponse(body, status_code=status or st, headers=headers)
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(MustError)
     async def _must_error(request: Request, exc: MustError) -> ProblemResponse:
@@ -125,10 +136,17 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> ProblemResponse:
-        code = {404: "not_found", 401: "unauthorized", 405: "method_not_allowed"}.get(
-            exc.status_code, f"http_{exc.status_code}"
-        )
-        return problem(request, code, str(exc.detail), exc.status_code)
+        code = {
+            400: "bad_request",
+            404: "not_found",
+            401: "unauthorized",
+            405: "method_not_allowed",
+        }.get(exc.status_code, f"http_{exc.status_code}")
+        response = problem(request, code, str(exc.detail), exc.status_code)
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            response.headers["Allow"] = ", ".join(_allowed_methods(request))
+        return response
 
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> ProblemResponse:

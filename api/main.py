@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request, Response
 
-from api import errors
+from api import errors, openapi
 from api.metrics import ApiMetrics
 from api.metrics import install as install_metrics
 from api.queue import JobQueue
@@ -64,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    openapi.install(app)
     metrics = ApiMetrics()
     app.state.metrics = metrics
     install_metrics(app, metrics)

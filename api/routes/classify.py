@@ -15,11 +15,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import SettingsDep, ShortTenantDep
 from api.errors import ApiError
+from api.openapi import images_body
+from must_core.db.models import AdaptedModel
 from must_core.jobs import queries
 from must_core.jobs.inputs import check_json_value
 from must_core.jobs.schemas import BaseModelRequest
@@ -186,7 +189,31 @@ def _classify(served: Served, raws: list[bytes], settings: Settings, top_k: int)
     return _results(preds)
 
 
-@router.post("/models/{model_id}/classify", response_model=ClassifyResponse, responses=_PROBLEMS)
+def _find_model(
+    sessions: sessionmaker[Session], tenant: uuid.UUID, model_id: uuid.UUID
+) -> AdaptedModel:
+    """The model, or the model of the succeeded job with this id (409 before it succeeds)."""
+    with sessions() as session:
+        try:
+            model = queries.get_model(session, tenant, model_id)
+        except queries.NotFoundError:
+            job = queries.get_job(session, tenant, model_id)  # 404 when neither exists
+            if job.status != JobStatus.SUCCEEDED or job.model_id is None:
+                raise ApiError(
+                    "model_not_ready",
+                    f"job {model_id} is {job.status}; its model exists once it succeeds",
+                ) from None
+            model = queries.get_model(session, tenant, job.model_id)
+        session.expunge(model)
+        return model
+
+
+@router.post(
+    "/models/{model_id}/classify",
+    response_model=ClassifyResponse,
+    responses=_PROBLEMS,
+    openapi_extra={"requestBody": images_body()},
+)
 async def classify_adapted(
     model_id: uuid.UUID, request: Request, tenant: ShortTenantDep, settings: SettingsDep
 ) -> ClassifyResponse:
@@ -194,23 +221,11 @@ async def classify_adapted(
 
     ``model_id`` may also be the id of the job that produces the model: 409 until it succeeds.
     """
-    parsed = await _parse(request, settings)
+    model = await run_in_threadpool(_find_model, request.app.state.sessions, tenant, model_id)
+    parsed = await _parse(request, settings)  # after the lookup: no body is read for a 404
     serving = request.app.state.serving
-    sessions = request.app.state.sessions
 
     def work() -> ClassifyResponse:
-        with sessions() as session:
-            try:
-                model = queries.get_model(session, tenant, model_id)
-            except queries.NotFoundError:
-                job = queries.get_job(session, tenant, model_id)  # 404 when neither exists
-                if job.status != JobStatus.SUCCEEDED or job.model_id is None:
-                    raise ApiError(
-                        "model_not_ready",
-                        f"job {model_id} is {job.status}; its model exists once it succeeds",
-                    ) from None
-                model = queries.get_model(session, tenant, job.model_id)
-            session.expunge(model)
         check_request(parsed.images, _limits(settings))  # refuse before loading the model
         served = serving.adapted(model)
         results = _classify(served, parsed.images, settings, parsed.top_k)
@@ -219,7 +234,12 @@ async def classify_adapted(
     return await run_in_threadpool(work)
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=_PROBLEMS)
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses={**_PROBLEMS, 403: {"description": "Zero-shot disabled, or a URI refused"}},
+    openapi_extra={"requestBody": images_body(zero_shot=True)},
+)
 async def classify_zero_shot(
     request: Request, tenant: ShortTenantDep, settings: SettingsDep
 ) -> ClassifyResponse:

@@ -55,8 +55,21 @@ class JobCreate(BaseModel):
         return data
 
     dataset_uri: str = Field(..., min_length=1, max_length=4096)
-    class_names: list[str] = Field(..., min_length=2)
-    templates: list[str] | None = None
+    class_names: list[str] = Field(
+        ...,
+        min_length=2,
+        json_schema_extra={
+            "uniqueItems": True,
+            "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"},
+        },
+    )
+    templates: list[str] | None = Field(
+        None,
+        min_length=1,
+        json_schema_extra={
+            "items": {"type": "string", "maxLength": 300, "pattern": r"^[^{}]*\{\}[^{}]*$"}
+        },
+    )
     base_model: BaseModelRequest = Field(default_factory=BaseModelRequest)  # type: ignore[arg-type]
     eval_dataset_uri: str | None = Field(None, max_length=4096)
     params: JobParams = Field(default_factory=JobParams)  # type: ignore[arg-type]
@@ -65,7 +78,7 @@ class JobCreate(BaseModel):
     @classmethod
     def _classes(cls, v: list[str]) -> list[str]:
         cleaned = [c.strip() for c in v]
-        if any(not c or len(c) > 200 for c in cleaned):
+        if any(not c or len(raw) > 200 for c, raw in zip(cleaned, v, strict=True)):
             raise ValueError("class names must be 1-200 characters")
         if len(set(cleaned)) != len(cleaned):
             raise ValueError("class names must be unique")
