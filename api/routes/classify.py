@@ -27,6 +27,7 @@ from must_core.jobs import queries
 from must_core.jobs.inputs import check_json_value
 from must_core.jobs.schemas import BaseModelRequest
 from must_core.jobs.states import JobStatus
+from must_core.jobs.validate import validate_base_model
 from must_core.ml.inference import Prediction
 from must_core.serving.engine import Served
 from must_core.serving.images import ImageLimits, check_request, decode_base64, decode_image
@@ -234,6 +235,13 @@ async def classify_adapted(
     return await run_in_threadpool(work)
 
 
+def _check_base_model(
+    request: Request, bm: dict[str, Any], tenant: uuid.UUID, settings: Settings
+) -> None:
+    with request.app.state.sessions() as session:
+        validate_base_model(bm, settings, lambda jid: queries.owns_job(session, tenant, jid))
+
+
 @router.post(
     "/classify",
     response_model=ClassifyResponse,
@@ -248,7 +256,6 @@ async def classify_zero_shot(
     Text embeddings are cached per (base model, classes, templates), so comparing before/after
     adaptation on the same images is cheap.
     """
-    del tenant  # authentication only: zero-shot models are not tenant data
     if not settings.classify.allow_zero_shot:
         raise ApiError("zero_shot_disabled", "zero-shot classification is disabled on this server")
     parsed = await _parse(request, settings)
@@ -268,12 +275,7 @@ async def classify_zero_shot(
     ):
         raise ApiError("validation_error", "templates must be a list of strings")
     bm = base.model_dump(exclude_none=True)
-    policy = settings.datasets
-    from must_core.datasets.uris import validate_uri
-
-    for key in ("config_uri", "checkpoint_uri"):
-        if bm.get(key):
-            validate_uri(bm[key], policy, kind="file")
+    await run_in_threadpool(_check_base_model, request, bm, tenant, settings)
     serving = request.app.state.serving
 
     def work() -> ClassifyResponse:

@@ -38,7 +38,7 @@ def submit_job(
     body: JobCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, queue: QueueDep
 ) -> JobRead:
     """Submit an adaptation job. Returns at once with status ``queued``; poll ``GET /v1/jobs/{id}``."""
-    spec = validate_job(body, settings)
+    spec = validate_job(body, settings, lambda jid: queries.owns_job(session, tenant, jid))
     job = queries.create_job(session, tenant, spec)
     # The row is the truth: commit before sending, so the worker always finds it.
     session.commit()

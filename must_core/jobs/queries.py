@@ -76,6 +76,13 @@ def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     return job
 
 
+def owns_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> bool:
+    return (
+        session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant_id))
+        is not None
+    )
+
+
 def list_jobs(
     session: Session, tenant_id: uuid.UUID, *, status: str | None, limit: int, offset: int
 ) -> tuple[list[Job], int]:

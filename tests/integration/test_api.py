@@ -154,3 +154,37 @@ def test_unstorable_input_is_422_and_commits_nothing_on_postgres(
     assert listed.status_code == 200 and listed.json()["total"] == 0
     for query in BAD_LIST_QUERIES:
         assert httpx.get(f"{api}/v1/jobs", headers=headers, params=query).status_code == 422
+
+
+def test_local_dir_and_artifact_bucket_follow_the_uri_policy(
+    client_a: httpx.Client, client_b: httpx.Client, tiny_config_uri: str, s3: dict[str, Any]
+) -> None:
+    dataset = "s3://test-must-datasets/none/"
+
+    def submit(client: httpx.Client, **base_model: Any) -> httpx.Response:
+        body = job_body(dataset, tiny_config_uri)
+        body["base_model"] = {**body["base_model"], **base_model}
+        return client.post("/v1/jobs", json=body)
+
+    for arch in ("local-dir:/etc", "local-dir:/no/such/folder"):
+        r = submit(client_a, arch=arch)
+        assert (r.status_code, r.json()["code"]) == (403, "uri_forbidden"), r.text
+        assert "inside the allowed roots" in r.json()["detail"]  # same answer, existing or not
+        zs = client_a.post(
+            "/v1/classify",
+            json={"base_model": {"arch": arch}, "class_names": ["a", "b"], "images": ["AAAA"]},
+        )
+        assert (zs.status_code, zs.json()["code"]) == (403, "uri_forbidden"), zs.text
+    theirs = submit(client_b).json()["id"]
+    mine = submit(client_a).json()["id"]
+    artifacts = f"s3://{s3['bucket']}/jobs"
+    details = set()
+    for job_id in (theirs, "00000000-0000-4000-8000-000000000000"):
+        r = submit(client_a, checkpoint_uri=f"{artifacts}/{job_id}/checkpoints/last.pt")
+        assert (r.status_code, r.json()["code"]) == (403, "uri_forbidden"), r.text
+        details.add(r.json()["detail"])
+    assert len(details) == 1  # another tenant's job and no job look the same
+    own = submit(client_a, checkpoint_uri=f"{artifacts}/{mine}/checkpoints/last.pt")
+    assert own.status_code == 202, own.text
+    for client, job_id in ((client_b, theirs), (client_a, mine), (client_a, own.json()["id"])):
+        client.post(f"/v1/jobs/{job_id}/cancel")
