@@ -270,7 +270,7 @@ def test_http_redirect_to_private_refused(
     (root / "direct.zip").write_bytes(_zip({"a/1.png": b"a"}))
     policy = DatasetSettings(allow_private_hosts=False)
     assert (fetch_dataset(f"{base}/direct.zip", tmp_path / "ok", policy, _no_s3) / "a").is_dir()
-    with pytest.raises(UriPolicyError, match="169.254.169.254"):
+    with pytest.raises(UriPolicyError, match=r"169\.254\.169\.254"):
         fetch_dataset(f"{base}/redirect.zip", tmp_path / "d", policy, _no_s3)
 
 
