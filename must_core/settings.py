@@ -34,6 +34,9 @@ class BrokerSettings(BaseModel):
     # Redis: seconds before an unacknowledged job message is redelivered. Longer than the longest job.
     visibility_timeout_s: int = Field(48 * 3600, ge=60)
     polling_interval_s: float = Field(0.1, gt=0, le=10)  # filesystem/SQL transports only
+    # Redis socket connect/read timeout of the API's sender and readiness probe: a stalled broker
+    # makes a submission or /readyz wait at most about this long (the outbox relay sends later).
+    client_timeout_s: float = Field(3.0, gt=0, le=120)
 
 
 class StorageSettings(BaseModel):
@@ -90,6 +93,13 @@ class WorkerSettings(BaseModel):
     heartbeat_interval_s: float = Field(10.0, gt=0)  # heartbeat + cancel-flag poll period
     stale_after_s: float = Field(120.0, gt=0)  # running job without heartbeat this long: re-queued
     sweep_interval_s: float = Field(30.0, gt=0)  # sweeper period (runs inside each worker)
+    # Outbox relay period: committed jobs whose message was never sent (broker down at submission)
+    # are sent by the sweeper thread this often, once older than relay_grace_s (the API's own send).
+    relay_interval_s: float = Field(2.0, gt=0)
+    relay_grace_s: float = Field(5.0, ge=0)
+    # Redis brokers: a queued job whose message was sent this long ago and is in no queue and not
+    # delivered (Redis restarted without persistence, flushed) is re-sent by the relay.
+    lost_message_after_s: float = Field(15.0, gt=0)
     requeue_queued_after_s: float = Field(1800.0, gt=0)  # re-send a queued job's message after
     max_attempts: int = Field(3, ge=1, le=100)  # claims per job before a lost worker fails it
     max_retries: int = Field(3, ge=0, le=20)  # Celery retries for transient infrastructure errors
@@ -133,6 +143,7 @@ class ApiSettings(BaseModel):
     max_page_size: int = Field(100, ge=1, le=1000)
     max_class_names: int = Field(10_000, ge=1)
     max_templates: int = Field(200, ge=1)
+    readiness_timeout_s: float = Field(5.0, gt=0, le=60)  # /readyz: a check slower than this fails
     # Largest params.num_processes accepted; jobs wait for a worker that consumes <queue>.xN.
     max_processes_per_job: int = Field(8, ge=1, le=64)
 

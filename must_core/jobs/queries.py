@@ -277,6 +277,53 @@ def queued_due_for_resend(session: Session, *, now: datetime, after_s: float) ->
     return ids
 
 
+def unsent_jobs(session: Session, *, now: datetime, grace_s: float) -> list[uuid.UUID]:
+    """The outbox: committed queued jobs whose message was never sent (``enqueued_at`` unset) and
+    whose submitter had ``grace_s`` to send it; marked as sent here, in the relay's transaction."""
+    cutoff = now - timedelta(seconds=grace_s)
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED.value,
+                Job.enqueued_at.is_(None),
+                Job.created_at <= cutoff,
+            )
+            .limit(1000)
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job).where(Job.id.in_(ids), Job.enqueued_at.is_(None)).values(enqueued_at=now)
+        )
+    return ids
+
+
+def queued_sent_before(session: Session, *, cutoff: datetime) -> list[uuid.UUID]:
+    """Queued jobs whose message was sent before ``cutoff`` (candidates for a lost message)."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at < cutoff)
+            .limit(1000)
+        )
+    )
+
+
+def mark_resent(session: Session, ids: list[uuid.UUID], *, now: datetime) -> list[uuid.UUID]:
+    """Bump ``enqueued_at`` of jobs still queued; returns those this caller will send."""
+    sent = []
+    for job_id in ids:
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .values(enqueued_at=now)
+        )
+        if _rows(res) == 1:
+            sent.append(job_id)
+    return sent
+
+
 def processes_of(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
     """Training processes each job asked for (routes its message to a worker that has them)."""
     from must_core.jobs.dispatch import job_processes
