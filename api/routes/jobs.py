@@ -6,7 +6,7 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Header, Query, status
 
 from api.deps import QueueDep, SessionDep, SettingsDep, TenantDep
 from must_core.jobs import queries
@@ -31,15 +31,33 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     responses={
         **_PROBLEMS,
         403: {"description": "URI refused by policy (uri_forbidden)"},
+        409: {"description": "Idempotency-Key reused with a different body"},
         422: {"description": "invalid_uri, invalid_config or validation_error"},
     },
 )
 def submit_job(
-    body: JobCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, queue: QueueDep
+    body: JobCreate,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    idempotency_key: str | None = Header(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retries with the same key (and body) return the same job",
+    ),
 ) -> JobRead:
-    """Submit an adaptation job. Returns at once with status ``queued``; poll ``GET /v1/jobs/{id}``."""
+    """Submit an adaptation job. Returns at once with status ``queued``; poll ``GET /v1/jobs/{id}``.
+
+    With ``Idempotency-Key`` a retried submission returns the job the first one created (409 if
+    the key comes with a different body).
+    """
     spec = validate_job(body, settings, lambda jid: queries.owns_job(session, tenant, jid))
-    job = queries.create_job(session, tenant, spec)
+    job, created = queries.create_job_once(session, tenant, spec, idempotency_key)
+    if not created:
+        return job_view(job)
     # The row is the truth: commit before sending, so the worker always finds it.
     session.commit()
     try:

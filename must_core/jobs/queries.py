@@ -6,11 +6,14 @@ that lost its claim (sweeper re-queued the job) can never overwrite the new atte
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from must_core.db.base import utcnow
@@ -29,6 +32,10 @@ class JobNotCancellableError(MustError):
     code = "job_not_cancellable"
 
 
+class IdempotencyConflictError(MustError):
+    code = "idempotency_conflict"
+
+
 def _rows(result: Any) -> int:
     """Rows matched by an UPDATE (CursorResult.rowcount)."""
     return int(result.rowcount)
@@ -45,10 +52,17 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
 
 
 # ---- jobs: API side ------------------------------------------------------------------------------
-def create_job(session: Session, tenant_id: uuid.UUID, spec: dict[str, Any]) -> Job:
+def create_job(
+    session: Session,
+    tenant_id: uuid.UUID,
+    spec: dict[str, Any],
+    idempotency_key: str | None = None,
+) -> Job:
     now = utcnow()
     job = Job(
         tenant_id=tenant_id,
+        idempotency_key=idempotency_key,
+        request_hash=spec_hash(spec) if idempotency_key else None,
         status=JobStatus.QUEUED.value,
         spec=spec,
         progress={},
@@ -62,6 +76,40 @@ def create_job(session: Session, tenant_id: uuid.UUID, spec: dict[str, Any]) -> 
     session.add(job)
     session.flush()
     return job
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def job_for_key(
+    session: Session, tenant_id: uuid.UUID, key: str, spec: dict[str, Any]
+) -> Job | None:
+    """The tenant's job created with this Idempotency-Key, or None; 409 if its body differed."""
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.request_hash != spec_hash(spec):
+        raise IdempotencyConflictError("this Idempotency-Key was used with a different body")
+    return job
+
+
+def create_job_once(
+    session: Session, tenant_id: uuid.UUID, spec: dict[str, Any], key: str | None
+) -> tuple[Job, bool]:
+    """(job, created). With a key, a concurrent duplicate loses on the unique constraint and
+    gets the winner's job."""
+    if key is None:
+        return create_job(session, tenant_id, spec), True
+    existing = job_for_key(session, tenant_id, key, spec)
+    if existing is not None:
+        return existing, False
+    try:
+        with session.begin_nested():
+            return create_job(session, tenant_id, spec, key), True
+    except IntegrityError:
+        winner = job_for_key(session, tenant_id, key, spec)
+        if winner is None:
+            raise
+        return winner, False
 
 
 def mark_enqueued(session: Session, job_id: uuid.UUID) -> None:
@@ -203,7 +251,12 @@ def release_job(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
     res = session.execute(
         update(Job)
         .where(_owned(job_id, attempt))
-        .values(status=JobStatus.QUEUED.value, updated_at=now, enqueued_at=now)
+        .values(
+            status=JobStatus.QUEUED.value,
+            updated_at=now,
+            enqueued_at=now,
+            transient_retries=Job.transient_retries + 1,
+        )
     )
     return _rows(res) == 1
 
@@ -233,17 +286,17 @@ def sweep_stale(
     """
     cutoff = now - timedelta(seconds=stale_after_s)
     stale = session.execute(
-        select(Job.id, Job.attempt, Job.cancel_requested).where(
+        select(Job.id, Job.attempt, Job.transient_retries, Job.cancel_requested).where(
             Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff
         )
     ).all()
     requeued: list[uuid.UUID] = []
     failed: list[uuid.UUID] = []
-    for job_id, attempt, cancel in stale:
+    for job_id, attempt, transient, cancel in stale:
         cond = _owned(job_id, attempt) & (Job.heartbeat_at < cutoff)
         if cancel:
             values: dict[str, Any] = {"status": JobStatus.CANCELLED.value, "finished_at": now}
-        elif attempt >= max_attempts:
+        elif attempt - (transient or 0) >= max_attempts:  # worker deaths, not transient retries
             values = {
                 "status": JobStatus.FAILED.value,
                 "finished_at": now,

@@ -137,6 +137,7 @@ class JobRead(_Schema):
     model_id: uuid.UUID | None
     error: JobError | None
     attempt: int
+    transient_retries: int = 0  # claims released after a transient error (not worker deaths)
     cancel_requested: bool
     resumed_from_step: int | None
     checkpoint_step: int | None

@@ -188,3 +188,22 @@ def test_local_dir_and_artifact_bucket_follow_the_uri_policy(
     assert own.status_code == 202, own.text
     for client, job_id in ((client_b, theirs), (client_a, mine), (client_a, own.json()["id"])):
         client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_concurrent_submissions_with_one_idempotency_key_make_one_job(
+    api: str, cli: Any, tiny_config_uri: str
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = cli("keys", "create", "--tenant", "tenant-idem").stdout.strip()
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "same-submission"}
+    body = job_body("s3://test-must-datasets/idem/", tiny_config_uri)
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(
+            pool.map(lambda _: httpx.post(f"{api}/v1/jobs", headers=headers, json=body), range(8))
+        )
+    assert all(r.status_code == 202 for r in rs), [r.text for r in rs if r.status_code != 202]
+    assert len({r.json()["id"] for r in rs}) == 1
+    listed = httpx.get(f"{api}/v1/jobs", headers=headers).json()
+    assert listed["total"] == 1
+    httpx.post(f"{api}/v1/jobs/{rs[0].json()['id']}/cancel", headers=headers)

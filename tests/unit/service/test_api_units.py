@@ -123,3 +123,22 @@ def test_out_of_range_pagination_is_422(
     headers = {"Authorization": f"Bearer {_key(settings, 't')}"}
     for path in ("/v1/jobs", "/v1/models"):
         assert client.get(path, headers=headers, params=query).status_code == 422
+
+
+def test_idempotency_key_returns_the_same_job(client: TestClient, settings: Settings) -> None:
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}", "Idempotency-Key": "order-42"}
+    data = settings.data_dir / "ds"
+    data.mkdir()
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"]}
+    first = client.post("/v1/jobs", headers=headers, json=body)
+    again = client.post("/v1/jobs", headers=headers, json=body)
+    assert first.status_code == again.status_code == 202, again.text
+    assert first.json()["id"] == again.json()["id"]
+    other = client.post("/v1/jobs", headers=headers, json={**body, "class_names": ["a", "c"]})
+    assert (other.status_code, other.json()["code"]) == (409, "idempotency_conflict")
+    fresh = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "order-43"}, json=body)
+    assert fresh.json()["id"] != first.json()["id"]
+    assert client.get("/v1/jobs", headers=headers).json()["total"] == 2
+    assert len(list((settings.broker_folder / "queue").iterdir())) == 2  # sent once per job
+    bad = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "a b"}, json=body)
+    assert bad.status_code == 422
