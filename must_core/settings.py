@@ -101,6 +101,8 @@ class WorkerSettings(BaseModel):
     # delivered (Redis restarted without persistence, flushed) is re-sent by the relay.
     lost_message_after_s: float = Field(15.0, gt=0)
     requeue_queued_after_s: float = Field(1800.0, gt=0)  # re-send a queued job's message after
+    # Checkpoints of finished jobs are deleted this long after they finished (None: kept).
+    checkpoint_retention_s: float | None = Field(None, gt=0)
     max_attempts: int = Field(3, ge=1, le=100)  # claims per job before a lost worker fails it
     max_retries: int = Field(3, ge=0, le=20)  # Celery retries for transient infrastructure errors
     retry_backoff_s: int = Field(10, ge=1)  # first retry delay (exponential, jittered)

@@ -68,7 +68,11 @@ def _start_sweeper(sender: Any, **_: Any) -> None:
 
     settings = get_settings()
     _sweeper = SweeperThread(
-        settings, context.sessions(), make_sender(sender.app), broker_job_ids(sender.app)
+        settings,
+        context.sessions(),
+        make_sender(sender.app),
+        broker_job_ids(sender.app),
+        context.store() if settings.worker.checkpoint_retention_s else None,
     )
     _sweeper.start()
     _logger.info(

@@ -20,6 +20,8 @@ from must_core.db.base import utcnow
 from must_core.db.session import session_scope
 from must_core.jobs.dispatch import queue_for
 from must_core.settings import Settings
+from must_core.storage import ArtifactStore
+from must_core.storage.keys import checkpoint_prefix
 
 _logger = logging.getLogger(__name__)
 
@@ -103,6 +105,25 @@ def _send_all(
             )
 
 
+def purge_checkpoints(
+    settings: Settings, sessions: sessionmaker[Session], store: ArtifactStore
+) -> int:
+    """Delete the checkpoints of jobs finished more than ``checkpoint_retention_s`` ago."""
+    from must_core.jobs import queries
+
+    retention = settings.worker.checkpoint_retention_s
+    if retention is None:
+        return 0
+    with session_scope(sessions) as s:
+        due = queries.checkpoints_to_purge(s, cutoff=utcnow() - timedelta(seconds=retention))
+    for job_id in due:
+        store.delete_prefix(checkpoint_prefix(job_id))
+        with session_scope(sessions) as s:
+            queries.mark_checkpoint_purged(s, job_id)
+        _logger.info("job %s: checkpoint deleted (retention %.0f s)", job_id, retention)
+    return len(due)
+
+
 class SweeperThread(threading.Thread):
     def __init__(
         self,
@@ -110,10 +131,11 @@ class SweeperThread(threading.Thread):
         sessions: sessionmaker[Session],
         send: Callable[[str, int], None],
         in_broker: InBroker | None = None,
+        store: ArtifactStore | None = None,
     ) -> None:
         super().__init__(daemon=True, name="must-sweeper")
         self.settings, self.sessions, self.send = settings, sessions, send
-        self.in_broker = in_broker
+        self.in_broker, self.store = in_broker, store
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -124,6 +146,14 @@ class SweeperThread(threading.Thread):
             if time.monotonic() - last_sweep >= w.sweep_interval_s:
                 last_sweep = time.monotonic()
                 self._guarded(sweep_once)
+                if self.store is not None:
+                    self._purge(self.store)
+
+    def _purge(self, store: ArtifactStore) -> None:
+        try:
+            purge_checkpoints(self.settings, self.sessions, store)
+        except Exception:
+            _logger.exception("checkpoint retention failed")
 
     def _guarded(self, step: Callable[..., object], *extra: object) -> None:
         try:

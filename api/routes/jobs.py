@@ -6,15 +6,16 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Header, Query, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from api.deps import QueueDep, SessionDep, SettingsDep, TenantDep
+from api.deps import QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from must_core.jobs import queries
 from must_core.jobs.dispatch import job_processes
 from must_core.jobs.inputs import INT64_MAX
 from must_core.jobs.schemas import JobCreate, JobList, JobRead, StatusFilter
 from must_core.jobs.validate import validate_job
 from must_core.jobs.views import job_view
+from must_core.storage.keys import job_prefix
 
 _logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -92,6 +93,31 @@ def list_jobs(
 def get_job(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> JobRead:
     """Status, progress, metrics, model id (when succeeded) and error (when failed)."""
     return job_view(queries.get_job(session, tenant, job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={
+        **_PROBLEMS,
+        404: {"description": "No such job for this tenant"},
+        409: {"description": "The job has not finished (job_not_finished)"},
+        503: {"description": "Object store unavailable; nothing was deleted"},
+    },
+)
+def delete_job(
+    job_id: uuid.UUID, request: Request, session: SessionDep, tenant: TenantDep, store: StoreDep
+) -> Response:
+    """Delete a finished job: its row, its model and every stored artifact (checkpoint, model,
+    metrics). Artifacts go first, so a storage failure leaves the job as it was (503)."""
+    job = queries.get_job(session, tenant, job_id)
+    queries.require_finished(job)
+    store.delete_prefix(job_prefix(job_id))
+    model_id = queries.delete_job(session, job)
+    session.commit()
+    if model_id is not None:
+        request.app.state.serving.evict(model_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(

@@ -12,7 +12,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -408,6 +408,46 @@ def get_model(session: Session, tenant_id: uuid.UUID, model_id: uuid.UUID) -> Ad
     if model is None:
         raise NotFoundError(f"model {model_id} not found")
     return model
+
+
+class JobNotFinishedError(MustError):
+    code = "job_not_finished"
+
+
+def require_finished(job: Job) -> None:
+    if job.status not in TERMINAL:
+        raise JobNotFinishedError(
+            f"job {job.id} is {job.status}; cancel it and wait until it stops"
+        )
+
+
+def delete_job(session: Session, job: Job) -> uuid.UUID | None:
+    """Delete a finished job and its model row; returns the model id (to evict) or None."""
+    require_finished(job)
+    model_id = job.model_id
+    session.execute(delete(AdaptedModel).where(AdaptedModel.job_id == job.id))
+    session.delete(job)
+    session.flush()
+    return model_id
+
+
+def checkpoints_to_purge(session: Session, *, cutoff: datetime) -> list[uuid.UUID]:
+    """Finished jobs (before ``cutoff``) that still have a stored checkpoint."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status.in_([s.value for s in TERMINAL]),
+                Job.finished_at < cutoff,
+                Job.checkpoint_step.is_not(None),
+            )
+            .limit(200)
+        )
+    )
+
+
+def mark_checkpoint_purged(session: Session, job_id: uuid.UUID) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(checkpoint_step=None))
 
 
 def delete_model(session: Session, model: AdaptedModel) -> None:

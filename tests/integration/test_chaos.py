@@ -92,7 +92,12 @@ def chaos(service_env: dict[str, str], log_dir: Path) -> Iterator[dict[str, Any]
 
 
 def test_stalled_and_restarted_redis_lose_no_job(
-    chaos: dict[str, Any], keys: dict[str, str], upload: Any, tiny_config_uri: str, stamp: str
+    chaos: dict[str, Any],
+    keys: dict[str, str],
+    upload: Any,
+    tiny_config_uri: str,
+    stamp: str,
+    s3: dict[str, Any],
 ) -> None:
     redis, url = chaos["redis"], chaos["url"]
     client = httpx.Client(
@@ -138,6 +143,20 @@ def test_stalled_and_restarted_redis_lose_no_job(
     assert to_running < 60, first
     assert all_done < 60
     assert "its message is not in the broker (lost); re-sending" in worker.log()
+    _delete_finished(client, s3, done)
+
+
+def _delete_finished(client: httpx.Client, s3: dict[str, Any], jobs: list[dict[str, Any]]) -> None:
+    """DELETE /v1/jobs/{id}: the row, the model and every object under jobs/{id}/ go."""
+    for job in jobs:
+        prefix = f"jobs/{job['id']}/"
+        listed = s3["client"].list_objects_v2(Bucket=s3["bucket"], Prefix=prefix)
+        assert listed.get("KeyCount", 0) > 0  # checkpoint, model, metrics
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert client.get(f"/v1/jobs/{job['id']}").status_code == 404
+        assert client.get(f"/v1/models/{job['model_id']}").status_code == 404
+        listed = s3["client"].list_objects_v2(Bucket=s3["bucket"], Prefix=prefix)
+        assert listed.get("KeyCount", 0) == 0
 
 
 def _wait_running(client: httpx.Client, ids: list[str]) -> str:

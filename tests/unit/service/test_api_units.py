@@ -142,3 +142,35 @@ def test_idempotency_key_returns_the_same_job(client: TestClient, settings: Sett
     assert len(list((settings.broker_folder / "queue").iterdir())) == 2  # sent once per job
     bad = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "a b"}, json=body)
     assert bad.status_code == 422
+
+
+def test_delete_finished_job_removes_row_model_and_artifacts(
+    client: TestClient, settings: Settings
+) -> None:
+    from sqlalchemy import update
+
+    from must_core.db.models import Job
+    from must_core.storage import make_store
+    from must_core.storage.keys import checkpoint_key, model_key
+
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}"}
+    data = settings.data_dir / "ds"
+    data.mkdir()
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"]}
+    jid = client.post("/v1/jobs", headers=headers, json=body).json()["id"]
+    assert client.delete(f"/v1/jobs/{jid}", headers=headers).json()["code"] == "job_not_finished"
+    store = make_store(settings)
+    blob = settings.data_dir / "blob"
+    blob.write_bytes(b"x")
+    for key in (checkpoint_key(jid), model_key(jid)):
+        store.put_file(blob, key)
+    engine = make_engine(settings.database_url)
+    with session_scope(make_sessionmaker(engine)) as s:
+        s.execute(update(Job).values(status="failed"))
+    engine.dispose()
+    other = {"Authorization": f"Bearer {_key(settings, 'other')}"}
+    assert client.delete(f"/v1/jobs/{jid}", headers=other).status_code == 404
+    assert client.delete(f"/v1/jobs/{jid}", headers=headers).status_code == 204
+    assert client.get(f"/v1/jobs/{jid}", headers=headers).status_code == 404
+    assert not store.exists(checkpoint_key(jid)) and not store.exists(model_key(jid))
+    assert client.delete(f"/v1/jobs/{jid}", headers=headers).status_code == 404

@@ -223,3 +223,40 @@ def test_relay_sends_the_outbox_and_lost_messages(
     sent.clear()
     relay_once(settings, db, lambda j, _p: sent.append(j), lambda _queues: {sent_kept})
     assert sent == []  # each is sent once, then waits LOST_MESSAGE_AFTER_S again
+
+
+def test_checkpoint_retention_deletes_old_checkpoints_of_finished_jobs(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    import uuid
+
+    from must_core.storage.keys import checkpoint_key, metrics_key
+    from worker.sweeper import purge_checkpoints
+
+    store = LocalStore(tmp_path / "store")
+    settings = _settings(tmp_path, checkpoint_retention_s=3600)
+    old, recent, running = _job(db), _job(db), _job(db)
+    src = tmp_path / "blob"
+    src.write_bytes(b"x")
+    for jid in (old, recent, running):
+        store.put_file(src, checkpoint_key(jid))
+        store.put_file(src, metrics_key(jid))
+    with session_scope(db) as s:
+        for jid, status, age in (
+            (old, "failed", 7200),
+            (recent, "cancelled", 60),
+            (running, "running", 7200),
+        ):
+            s.execute(
+                update(Job)
+                .where(Job.id == uuid.UUID(jid))
+                .values(
+                    status=status, checkpoint_step=10, finished_at=utcnow() - timedelta(seconds=age)
+                )
+            )
+    assert purge_checkpoints(settings, db, store) == 1
+    assert not store.exists(checkpoint_key(old)) and store.exists(metrics_key(old))
+    assert store.exists(checkpoint_key(recent)) and store.exists(checkpoint_key(running))
+    assert _get(db, old).checkpoint_step is None
+    assert purge_checkpoints(settings, db, store) == 0  # done once
+    assert purge_checkpoints(_settings(tmp_path), db, store) == 0  # retention off: kept
