@@ -122,7 +122,11 @@ def install(app: FastAPI) -> None:
         status = STATUS.get(exc.code, (500, ""))[0]
         log = _logger.warning if status < 500 else _logger.error
         log("%s %s -> %d %s: %s", request.method, request.url.path, status, exc.code, exc.message)
-        return problem(request, exc.code, exc.message, status)
+        response = problem(request, exc.code, exc.message, status)
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            response.headers["Retry-After"] = str(retry_after)
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> ProblemResponse:

@@ -146,6 +146,14 @@ class ApiSettings(BaseModel):
     max_class_names: int = Field(10_000, ge=1)
     max_templates: int = Field(200, ge=1)
     readiness_timeout_s: float = Field(5.0, gt=0, le=60)  # /readyz: a check slower than this fails
+    # Failed authentications allowed per client address and per presented key within the window;
+    # more are refused with 429 + Retry-After before the database is asked.
+    auth_failures_limit: int = Field(30, ge=1)
+    auth_failures_window_s: float = Field(60.0, gt=0)
+    # GET /metrics: "public" (unauthenticated), "token" (Authorization: Bearer <metrics_token>),
+    # or "off" (404). Prometheus scrapes send the token with `authorization: {credentials: ...}`.
+    metrics: Literal["public", "token", "off"] = "public"
+    metrics_token: SecretStr | None = None
     # Largest params.num_processes accepted; jobs wait for a worker that consumes <queue>.xN.
     max_processes_per_job: int = Field(8, ge=1, le=64)
 
@@ -198,6 +206,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MUST_API__AUTH=none is only allowed when MUST_API__HOST is a loopback address"
             )
+        if self.api.metrics == "token" and not self.api.metrics_token:
+            raise ValueError("MUST_API__METRICS=token needs MUST_API__METRICS_TOKEN")
         if self.env == "prod" and self.storage.backend == "s3":
             for field in (self.storage.access_key_id, self.storage.secret_access_key):
                 if field is not None and field.get_secret_value() in ("changeme", "changethis"):

@@ -174,3 +174,29 @@ def test_delete_finished_job_removes_row_model_and_artifacts(
     assert client.get(f"/v1/jobs/{jid}", headers=headers).status_code == 404
     assert not store.exists(checkpoint_key(jid)) and not store.exists(model_key(jid))
     assert client.delete(f"/v1/jobs/{jid}", headers=headers).status_code == 404
+
+
+def test_failed_auth_is_rate_limited_per_address_and_key(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, api={"auth": "keys", "auth_failures_limit": 3})
+    good = {"Authorization": f"Bearer {_key(settings, 't')}"}
+    with TestClient(create_app(settings)) as c:
+        bad = {"Authorization": "Bearer must_wrong"}
+        assert [c.get("/v1/jobs", headers=bad).status_code for _ in range(3)] == [401] * 3
+        limited = c.get("/v1/jobs", headers=bad)
+        assert (limited.status_code, limited.json()["code"]) == (429, "too_many_requests")
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert c.get("/v1/jobs", headers=good).status_code == 429  # the address is limited too
+    with TestClient(create_app(settings)) as fresh:  # a new process starts counting afresh
+        assert fresh.get("/v1/jobs", headers=good).status_code == 200
+
+
+@pytest.mark.parametrize(("mode", "status"), [("public", 200), ("token", 401), ("off", 404)])
+def test_metrics_behind_a_setting(tmp_path: Path, mode: str, status: int) -> None:
+    settings = _settings(tmp_path, api={"auth": "keys", "metrics": mode, "metrics_token": "s3cret"})
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/metrics").status_code == status
+        assert c.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == (
+            404 if mode == "off" else 200
+        )
+        latin1 = {"Authorization": "Bearer \xe9".encode("latin-1")}
+        assert c.get("/metrics", headers=latin1).status_code == status
