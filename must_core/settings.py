@@ -146,6 +146,10 @@ class ApiSettings(BaseModel):
     max_class_names: int = Field(10_000, ge=1)
     max_templates: int = Field(200, ge=1)
     readiness_timeout_s: float = Field(5.0, gt=0, le=60)  # /readyz: a check slower than this fails
+    # Request read deadlines (api.server.TimedH11Protocol): headers within this of the first byte,
+    # the whole body within body_timeout_s after them; else the connection is closed (slowloris).
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(120.0, gt=0)
     # Failed authentications allowed per client address and per presented key within the window;
     # more are refused with 429 + Retry-After before the database is asked.
     auth_failures_limit: int = Field(30, ge=1)
