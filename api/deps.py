@@ -14,6 +14,7 @@ from api.queue import JobQueue
 from must_core import auth
 from must_core.db.session import session_scope
 from must_core.jobs.queries import DEFAULT_TENANT, get_or_create_tenant
+from must_core.ratelimit import FailureLimiter
 from must_core.settings import Settings
 from must_core.storage import ArtifactStore
 
@@ -49,19 +50,36 @@ def get_tenant(request: Request, session: SessionDep, settings: SettingsDep) -> 
     """The caller's tenant from ``Authorization: Bearer <key>``.
 
     With ``MUST_API__AUTH=none`` (loopback only) a call without a key acts as the default tenant.
+    Failed attempts count per client address and per presented key (429 over the limit).
     """
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    if header:
-        if scheme.lower() != "bearer" or not token.strip():
-            raise ApiError("unauthorized", "use 'Authorization: Bearer <api key>'")
-        tenant_id = auth.authenticate(session, token.strip())
-        if tenant_id is None:
-            raise ApiError("unauthorized", "unknown or revoked API key")
-        return tenant_id
-    if settings.api.auth == "none":
+    if not header and settings.api.auth == "none":
         return get_or_create_tenant(session, DEFAULT_TENANT).id
-    raise ApiError("unauthorized", "missing API key: send 'Authorization: Bearer <api key>'")
+    limiter: FailureLimiter = request.app.state.auth_limiter
+    subjects = _subjects(request, token.strip())
+    limiter.check(*subjects)
+    try:
+        return _authenticate(session, scheme, token.strip(), header)
+    except ApiError:
+        limiter.failed(*subjects)
+        raise
+
+
+def _subjects(request: Request, token: str) -> tuple[str, ...]:
+    address = f"addr:{request.client.host if request.client else '?'}"
+    return (address, f"key:{auth.hash_key(token)}") if token else (address,)
+
+
+def _authenticate(session: Session, scheme: str, token: str, header: str) -> uuid.UUID:
+    if not header:
+        raise ApiError("unauthorized", "missing API key: send 'Authorization: Bearer <api key>'")
+    if scheme.lower() != "bearer" or not token:
+        raise ApiError("unauthorized", "use 'Authorization: Bearer <api key>'")
+    tenant_id = auth.authenticate(session, token)
+    if tenant_id is None:
+        raise ApiError("unauthorized", "unknown or revoked API key")
+    return tenant_id
 
 
 TenantDep = Annotated[uuid.UUID, Depends(get_tenant)]

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request, Response
 
-from api import errors
+from api import errors, openapi
 from api.metrics import ApiMetrics
 from api.metrics import install as install_metrics
 from api.queue import JobQueue
@@ -19,6 +19,7 @@ from api.serving import Serving
 from must_core.db.session import make_engine, make_sessionmaker
 from must_core.jobs.broker import ensure_broker_dirs
 from must_core.logging import bind, configure
+from must_core.ratelimit import FailureLimiter
 from must_core.settings import LOOPBACK_HOSTS, Settings, get_settings
 from must_core.storage import make_store
 
@@ -44,6 +45,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.database_url, pool_size=settings.db.pool_size, echo=settings.db.echo
         )
         app.state.settings = settings
+        app.state.auth_limiter = FailureLimiter(
+            settings.api.auth_failures_limit, settings.api.auth_failures_window_s
+        )
         app.state.sessions = make_sessionmaker(engine)
         app.state.store = make_store(settings)
         ensure_broker_dirs(settings)
@@ -64,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     errors.install(app)
+    openapi.install(app)
     metrics = ApiMetrics()
     app.state.metrics = metrics
     install_metrics(app, metrics)

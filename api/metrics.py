@@ -8,6 +8,7 @@ processes, so the database is the one place where every worker's numbers meet.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,6 +21,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
 from must_core.db.models import Job
+from must_core.errors import MustError
 
 _logger = logging.getLogger(__name__)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -162,6 +164,21 @@ def install(app: FastAPI, metrics: ApiMetrics) -> None:
                 metrics.latency.labels(request.method, path).observe(time.perf_counter() - t0)
 
     @app.get("/metrics", include_in_schema=False)
-    def prometheus_metrics() -> Response:
-        """Prometheus text exposition (unauthenticated: expose it on an internal network only)."""
+    def prometheus_metrics(request: Request) -> Response:
+        """Prometheus text exposition, gated by ``MUST_API__METRICS`` (public, token or off)."""
+        _check_metrics_access(request)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE)
+
+
+def _check_metrics_access(request: Request) -> None:
+    api = request.app.state.settings.api
+    if api.metrics == "off":
+        raise MustError("metrics are disabled on this server", code="not_found")
+    if api.metrics == "token":
+        sent = request.headers.get("authorization", "").partition(" ")[2].strip()
+        token = api.metrics_token.get_secret_value() if api.metrics_token else ""
+        # bytes: compare_digest refuses non-ASCII str, and headers may carry any latin-1 byte
+        if not token or not hmac.compare_digest(sent.encode("latin-1"), token.encode()):
+            raise MustError(
+                "metrics need 'Authorization: Bearer <metrics token>'", code="unauthorized"
+            )

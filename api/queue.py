@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 
@@ -13,14 +14,34 @@ from must_core.settings import Settings
 _logger = logging.getLogger(__name__)
 
 
+def client_config(settings: Settings) -> dict[str, Any]:
+    """The worker's Celery config plus socket timeouts: the API never waits on a stalled broker."""
+    config = celery_config(settings)
+    if settings.broker_url.startswith(("redis", "rediss")):
+        t = settings.broker.client_timeout_s
+        transport = config["broker_transport_options"]
+        config["broker_transport_options"] = {
+            **transport,
+            "socket_timeout": t,
+            "socket_connect_timeout": t,
+        }
+    config["broker_connection_timeout"] = settings.broker.client_timeout_s
+    return config
+
+
+def _is_redis(conn: Any) -> bool:
+    return str(conn.transport_cls).startswith("redis")
+
+
 class JobQueue:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.app = Celery("must-api")
-        self.app.conf.update(celery_config(settings))
+        self.app.conf.update(client_config(settings))
 
     def send_job(self, job_id: str, processes: int = 1) -> None:
-        send_run_job(self.app.send_task, self.settings, job_id, processes)
+        """One bounded attempt; a job not sent stays in the outbox (``enqueued_at`` unset)."""
+        send_run_job(self.app.send_task, self.settings, job_id, processes, retry=False)
 
     def depth(self) -> int:
         """Messages waiting in the training queue (passive declare: works on Redis and the
@@ -28,7 +49,7 @@ class JobQueue:
         from kombu.exceptions import ChannelError
 
         with self.app.connection_for_read() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
+            conn.ensure_connection(max_retries=1, timeout=self.settings.broker.client_timeout_s)
             try:
                 _, count, _ = conn.default_channel.queue_declare(
                     queue=self.settings.worker.queue, passive=True
@@ -41,7 +62,9 @@ class JobQueue:
 
     def ping(self) -> None:
         with self.app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
+            conn.ensure_connection(max_retries=1, timeout=self.settings.broker.client_timeout_s)
+            if _is_redis(conn):  # a stalled Redis accepts connections but never answers
+                conn.default_channel.client.ping()
 
     def close(self) -> None:
         self.app.close()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from must_core.db.models import AdaptedModel
+from must_core.errors import ModelLoadError, MustError
 from must_core.jobs.base_models import base_model_key, resolve_base_model
 from must_core.ml.config import BaseModelSpec
 from must_core.serving.engine import Served, ServingEngine, ServingOptions
@@ -78,7 +79,10 @@ class Serving:
             spec = resolve_base_model(base_model, self.cache_dir / "bases" / key, self.settings)
             with self._spec_lock:
                 self._specs[key] = spec
-        return self.engine.zero_shot(spec, class_names, templates)
+        try:
+            return self.engine.zero_shot(spec, class_names, templates)
+        except ModelLoadError as exc:  # the caller named this model: their request, not our fault
+            raise MustError(exc.message, code="invalid_base_model") from exc
 
     def close(self) -> None:
         self.engine.close()

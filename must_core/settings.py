@@ -34,6 +34,9 @@ class BrokerSettings(BaseModel):
     # Redis: seconds before an unacknowledged job message is redelivered. Longer than the longest job.
     visibility_timeout_s: int = Field(48 * 3600, ge=60)
     polling_interval_s: float = Field(0.1, gt=0, le=10)  # filesystem/SQL transports only
+    # Redis socket connect/read timeout of the API's sender and readiness probe: a stalled broker
+    # makes a submission or /readyz wait at most about this long (the outbox relay sends later).
+    client_timeout_s: float = Field(3.0, gt=0, le=120)
 
 
 class StorageSettings(BaseModel):
@@ -93,7 +96,16 @@ class WorkerSettings(BaseModel):
     heartbeat_interval_s: float = Field(10.0, gt=0)  # heartbeat + cancel-flag poll period
     stale_after_s: float = Field(120.0, gt=0)  # running job without heartbeat this long: re-queued
     sweep_interval_s: float = Field(30.0, gt=0)  # sweeper period (runs inside each worker)
+    # Outbox relay period: committed jobs whose message was never sent (broker down at submission)
+    # are sent by the sweeper thread this often, once older than relay_grace_s (the API's own send).
+    relay_interval_s: float = Field(2.0, gt=0)
+    relay_grace_s: float = Field(5.0, ge=0)
+    # Redis brokers: a queued job whose message was sent this long ago and is in no queue and not
+    # delivered (Redis restarted without persistence, flushed) is re-sent by the relay.
+    lost_message_after_s: float = Field(15.0, gt=0)
     requeue_queued_after_s: float = Field(1800.0, gt=0)  # re-send a queued job's message after
+    # Checkpoints of finished jobs are deleted this long after they finished (None: kept).
+    checkpoint_retention_s: float | None = Field(None, gt=0)
     max_attempts: int = Field(3, ge=1, le=100)  # claims per job before a lost worker fails it
     max_retries: int = Field(3, ge=0, le=20)  # Celery retries for transient infrastructure errors
     retry_backoff_s: int = Field(10, ge=1)  # first retry delay (exponential, jittered)
@@ -136,6 +148,19 @@ class ApiSettings(BaseModel):
     max_page_size: int = Field(100, ge=1, le=1000)
     max_class_names: int = Field(10_000, ge=1)
     max_templates: int = Field(200, ge=1)
+    readiness_timeout_s: float = Field(5.0, gt=0, le=60)  # /readyz: a check slower than this fails
+    # Request read deadlines (api.server.TimedH11Protocol): headers within this of the first byte,
+    # the whole body within body_timeout_s after them; else the connection is closed (slowloris).
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(120.0, gt=0)
+    # Failed authentications allowed per client address and per presented key within the window;
+    # more are refused with 429 + Retry-After before the database is asked.
+    auth_failures_limit: int = Field(30, ge=1)
+    auth_failures_window_s: float = Field(60.0, gt=0)
+    # GET /metrics: "public" (unauthenticated), "token" (Authorization: Bearer <metrics_token>),
+    # or "off" (404). Prometheus scrapes send the token with `authorization: {credentials: ...}`.
+    metrics: Literal["public", "token", "off"] = "public"
+    metrics_token: SecretStr | None = None
     # Largest params.num_processes accepted; jobs wait for a worker that consumes <queue>.xN.
     max_processes_per_job: int = Field(8, ge=1, le=64)
 
@@ -145,6 +170,13 @@ class ClassifySettings(BaseModel):
     max_image_bytes: int = Field(10 * 2**20, ge=1)  # per encoded image (413 above)
     max_request_bytes: int = Field(64 * 2**20, ge=1)  # whole request body (413 above)
     max_image_pixels: int = Field(40_000_000, ge=1)  # width*height; decompression-bomb guard (413)
+    # Longest side per image (413): the eval resize scales the shortest side up to the model's input,
+    # so a 300000x1 image would be upscaled to gigapixels whatever the pixel cap says.
+    max_image_side: int = Field(12_000, ge=1)
+    # Sum of width*height over the images of one request, checked from the headers before any decode
+    # (413). Images are decoded one at a time, so peak memory is ~3 bytes x 3 copies x the largest
+    # image, not the sum.
+    max_request_pixels: int = Field(200_000_000, ge=1)
     cache_memory_mb: int = Field(2048, ge=1)  # loaded classifiers kept in an LRU up to this size
     batching: bool = True  # merge concurrent requests for one model into one forward pass
     max_batch: int = Field(32, ge=1, le=4096)  # images per merged forward pass
@@ -181,6 +213,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 "MUST_API__AUTH=none is only allowed when MUST_API__HOST is a loopback address"
             )
+        if self.api.metrics == "token" and not self.api.metrics_token:
+            raise ValueError("MUST_API__METRICS=token needs MUST_API__METRICS_TOKEN")
         if self.env == "prod" and self.storage.backend == "s3":
             for field in (self.storage.access_key_id, self.storage.secret_access_key):
                 if field is not None and field.get_secret_value() in ("changeme", "changethis"):

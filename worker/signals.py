@@ -63,10 +63,17 @@ def _child_init(**_: Any) -> None:
 def _start_sweeper(sender: Any, **_: Any) -> None:
     global _sweeper
     from worker.sweeper import SweeperThread
+    from worker.tasks import broker_job_ids
     from worker.tasks import sender as make_sender
 
     settings = get_settings()
-    _sweeper = SweeperThread(settings, context.sessions(), make_sender(sender.app))
+    _sweeper = SweeperThread(
+        settings,
+        context.sessions(),
+        make_sender(sender.app),
+        broker_job_ids(sender.app),
+        context.store() if settings.worker.checkpoint_retention_s else None,
+    )
     _sweeper.start()
     _logger.info(
         "worker ready: queue=%s threads=%d sweeper every %.0fs (stale after %.0fs)",

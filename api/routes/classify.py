@@ -15,16 +15,22 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.deps import SettingsDep, ShortTenantDep
 from api.errors import ApiError
+from api.openapi import images_body
+from must_core.db.models import AdaptedModel
 from must_core.jobs import queries
+from must_core.jobs.inputs import check_json_value
 from must_core.jobs.schemas import BaseModelRequest
 from must_core.jobs.states import JobStatus
+from must_core.jobs.validate import validate_base_model
 from must_core.ml.inference import Prediction
-from must_core.serving.images import decode_base64, decode_image
+from must_core.serving.engine import Served
+from must_core.serving.images import ImageLimits, check_request, decode_base64, decode_image
 from must_core.settings import Settings
 
 _logger = logging.getLogger(__name__)
@@ -153,6 +159,10 @@ async def _parse(request: Request, settings: Settings) -> _Parsed:
         )
     if not images:
         raise ApiError("validation_error", "at least one image is required")
+    try:
+        check_json_value(fields)
+    except ValueError as exc:
+        raise ApiError("validation_error", str(exc)) from None
     return _Parsed(images=images, top_k=_top_k(fields.get("top_k")), fields=fields)
 
 
@@ -162,14 +172,49 @@ def _results(preds: list[Prediction]) -> list[ImageResult]:
     ]
 
 
-def _decode_all(raw: list[bytes], settings: Settings) -> list[Any]:
+def _limits(settings: Settings) -> ImageLimits:
     c = settings.classify
-    return [
-        decode_image(b, max_bytes=c.max_image_bytes, max_pixels=c.max_image_pixels) for b in raw
-    ]
+    return ImageLimits(
+        max_bytes=c.max_image_bytes,
+        max_pixels=c.max_image_pixels,
+        max_side=c.max_image_side,
+        max_request_pixels=c.max_request_pixels,
+    )
 
 
-@router.post("/models/{model_id}/classify", response_model=ClassifyResponse, responses=_PROBLEMS)
+def _classify(served: Served, raws: list[bytes], settings: Settings, top_k: int) -> list[Any]:
+    """Header checks of the whole request first, then one decoded image at a time."""
+    limits = _limits(settings)
+    check_request(raws, limits)
+    preds = served.classify_encoded(raws, lambda raw, side: decode_image(raw, limits, side), top_k)
+    return _results(preds)
+
+
+def _find_model(
+    sessions: sessionmaker[Session], tenant: uuid.UUID, model_id: uuid.UUID
+) -> AdaptedModel:
+    """The model, or the model of the succeeded job with this id (409 before it succeeds)."""
+    with sessions() as session:
+        try:
+            model = queries.get_model(session, tenant, model_id)
+        except queries.NotFoundError:
+            job = queries.get_job(session, tenant, model_id)  # 404 when neither exists
+            if job.status != JobStatus.SUCCEEDED or job.model_id is None:
+                raise ApiError(
+                    "model_not_ready",
+                    f"job {model_id} is {job.status}; its model exists once it succeeds",
+                ) from None
+            model = queries.get_model(session, tenant, job.model_id)
+        session.expunge(model)
+        return model
+
+
+@router.post(
+    "/models/{model_id}/classify",
+    response_model=ClassifyResponse,
+    responses=_PROBLEMS,
+    openapi_extra={"requestBody": images_body()},
+)
 async def classify_adapted(
     model_id: uuid.UUID, request: Request, tenant: ShortTenantDep, settings: SettingsDep
 ) -> ClassifyResponse:
@@ -177,32 +222,32 @@ async def classify_adapted(
 
     ``model_id`` may also be the id of the job that produces the model: 409 until it succeeds.
     """
-    parsed = await _parse(request, settings)
+    model = await run_in_threadpool(_find_model, request.app.state.sessions, tenant, model_id)
+    parsed = await _parse(request, settings)  # after the lookup: no body is read for a 404
     serving = request.app.state.serving
-    sessions = request.app.state.sessions
 
     def work() -> ClassifyResponse:
-        with sessions() as session:
-            try:
-                model = queries.get_model(session, tenant, model_id)
-            except queries.NotFoundError:
-                job = queries.get_job(session, tenant, model_id)  # 404 when neither exists
-                if job.status != JobStatus.SUCCEEDED or job.model_id is None:
-                    raise ApiError(
-                        "model_not_ready",
-                        f"job {model_id} is {job.status}; its model exists once it succeeds",
-                    ) from None
-                model = queries.get_model(session, tenant, job.model_id)
-            session.expunge(model)
-        images = _decode_all(parsed.images, settings)
+        check_request(parsed.images, _limits(settings))  # refuse before loading the model
         served = serving.adapted(model)
-        preds = served.classify(images, parsed.top_k)
-        return ClassifyResponse(model_id=model.id, results=_results(preds))
+        results = _classify(served, parsed.images, settings, parsed.top_k)
+        return ClassifyResponse(model_id=model.id, results=results)
 
     return await run_in_threadpool(work)
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=_PROBLEMS)
+def _check_base_model(
+    request: Request, bm: dict[str, Any], tenant: uuid.UUID, settings: Settings
+) -> None:
+    with request.app.state.sessions() as session:
+        validate_base_model(bm, settings, lambda jid: queries.owns_job(session, tenant, jid))
+
+
+@router.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    responses={**_PROBLEMS, 403: {"description": "Zero-shot disabled, or a URI refused"}},
+    openapi_extra={"requestBody": images_body(zero_shot=True)},
+)
 async def classify_zero_shot(
     request: Request, tenant: ShortTenantDep, settings: SettingsDep
 ) -> ClassifyResponse:
@@ -211,7 +256,6 @@ async def classify_zero_shot(
     Text embeddings are cached per (base model, classes, templates), so comparing before/after
     adaptation on the same images is cheap.
     """
-    del tenant  # authentication only: zero-shot models are not tenant data
     if not settings.classify.allow_zero_shot:
         raise ApiError("zero_shot_disabled", "zero-shot classification is disabled on this server")
     parsed = await _parse(request, settings)
@@ -231,19 +275,13 @@ async def classify_zero_shot(
     ):
         raise ApiError("validation_error", "templates must be a list of strings")
     bm = base.model_dump(exclude_none=True)
-    policy = settings.datasets
-    from must_core.datasets.uris import validate_uri
-
-    for key in ("config_uri", "checkpoint_uri"):
-        if bm.get(key):
-            validate_uri(bm[key], policy, kind="file")
+    await run_in_threadpool(_check_base_model, request, bm, tenant, settings)
     serving = request.app.state.serving
 
     def work() -> ClassifyResponse:
-        images = _decode_all(parsed.images, settings)
+        check_request(parsed.images, _limits(settings))
         served = serving.zero_shot(bm, class_names, templates)
-        return ClassifyResponse(
-            base_model=bm, results=_results(served.classify(images, parsed.top_k))
-        )
+        results = _classify(served, parsed.images, settings, parsed.top_k)
+        return ClassifyResponse(base_model=bm, results=results)
 
     return await run_in_threadpool(work)

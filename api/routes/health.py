@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -17,27 +21,32 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "A dependency is unreachable"}})
-def readyz(request: Request) -> JSONResponse:
-    """Database, broker and storage reachable."""
-    state = request.app.state
-    checks: dict[str, Any] = {}
-    try:
+def _checks(state: Any) -> dict[str, Callable[[], object]]:
+    def database() -> None:
         with state.sessions() as s:
             s.execute(text("SELECT 1"))
-        checks["database"] = "ok"
-    except Exception as exc:
-        checks["database"] = f"error: {type(exc).__name__}"
-    try:
-        state.queue.ping()
-        checks["broker"] = "ok"
-    except Exception as exc:
-        checks["broker"] = f"error: {type(exc).__name__}"
-    try:
-        state.store.ping()
-        checks["storage"] = "ok"
-    except Exception as exc:
-        checks["storage"] = f"error: {type(exc).__name__}"
+
+    return {"database": database, "broker": state.queue.ping, "storage": state.store.ping}
+
+
+@router.get("/readyz", responses={503: {"description": "A dependency is unreachable or stalled"}})
+def readyz(request: Request) -> JSONResponse:
+    """Database, broker and storage reachable, each within ``MUST_API__READINESS_TIMEOUT_S``."""
+    state = request.app.state
+    timeout = state.settings.api.readiness_timeout_s
+    pool = ThreadPoolExecutor(max_workers=3, thread_name_prefix="readyz")
+    futures = {name: pool.submit(check) for name, check in _checks(state).items()}
+    deadline = time.monotonic() + timeout
+    checks: dict[str, Any] = {}
+    for name, future in futures.items():
+        try:
+            future.result(timeout=max(0.0, deadline - time.monotonic()))
+            checks[name] = "ok"
+        except FutureTimeout:
+            checks[name] = f"error: no answer within {timeout:g} s"
+        except Exception as exc:
+            checks[name] = f"error: {type(exc).__name__}"
+    pool.shutdown(wait=False)  # a stalled check must not hold the probe
     ok = all(v == "ok" for v in checks.values())
     return JSONResponse(
         {"status": "ok" if ok else "unavailable", "checks": checks},

@@ -6,14 +6,16 @@ import logging
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Query, status
+from fastapi import APIRouter, Header, Query, Request, Response, status
 
-from api.deps import QueueDep, SessionDep, SettingsDep, TenantDep
+from api.deps import QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from must_core.jobs import queries
 from must_core.jobs.dispatch import job_processes
+from must_core.jobs.inputs import INT64_MAX
 from must_core.jobs.schemas import JobCreate, JobList, JobRead, StatusFilter
 from must_core.jobs.validate import validate_job
 from must_core.jobs.views import job_view
+from must_core.storage.keys import job_prefix
 
 _logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -30,15 +32,33 @@ _PROBLEMS: dict[int | str, dict[str, Any]] = {
     responses={
         **_PROBLEMS,
         403: {"description": "URI refused by policy (uri_forbidden)"},
+        409: {"description": "Idempotency-Key reused with a different body"},
         422: {"description": "invalid_uri, invalid_config or validation_error"},
     },
 )
 def submit_job(
-    body: JobCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, queue: QueueDep
+    body: JobCreate,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    queue: QueueDep,
+    idempotency_key: str | None = Header(
+        None,
+        min_length=1,
+        max_length=200,
+        pattern=r"^[\x21-\x7e]+$",
+        description="Retries with the same key (and body) return the same job",
+    ),
 ) -> JobRead:
-    """Submit an adaptation job. Returns at once with status ``queued``; poll ``GET /v1/jobs/{id}``."""
-    spec = validate_job(body, settings)
-    job = queries.create_job(session, tenant, spec)
+    """Submit an adaptation job. Returns at once with status ``queued``; poll ``GET /v1/jobs/{id}``.
+
+    With ``Idempotency-Key`` a retried submission returns the job the first one created (409 if
+    the key comes with a different body).
+    """
+    spec = validate_job(body, settings, lambda jid: queries.owns_job(session, tenant, jid))
+    job, created = queries.create_job_once(session, tenant, spec, idempotency_key)
+    if not created:
+        return job_view(job)
     # The row is the truth: commit before sending, so the worker always finds it.
     session.commit()
     try:
@@ -57,7 +77,7 @@ def list_jobs(
     settings: SettingsDep,
     status_: StatusFilter | None = Query(None, alias="status"),
     limit: int = Query(20, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=INT64_MAX),
 ) -> JobList:
     """The caller's jobs, newest first, optionally filtered by status."""
     limit = min(limit, settings.api.max_page_size)
@@ -73,6 +93,31 @@ def list_jobs(
 def get_job(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> JobRead:
     """Status, progress, metrics, model id (when succeeded) and error (when failed)."""
     return job_view(queries.get_job(session, tenant, job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    responses={
+        **_PROBLEMS,
+        404: {"description": "No such job for this tenant"},
+        409: {"description": "The job has not finished (job_not_finished)"},
+        503: {"description": "Object store unavailable; nothing was deleted"},
+    },
+)
+def delete_job(
+    job_id: uuid.UUID, request: Request, session: SessionDep, tenant: TenantDep, store: StoreDep
+) -> Response:
+    """Delete a finished job: its row, its model and every stored artifact (checkpoint, model,
+    metrics). Artifacts go first, so a storage failure leaves the job as it was (503)."""
+    job = queries.get_job(session, tenant, job_id)
+    queries.require_finished(job)
+    store.delete_prefix(job_prefix(job_id))
+    model_id = queries.delete_job(session, job)
+    session.commit()
+    if model_id is not None:
+        request.app.state.serving.evict(model_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post(

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 
 from api.deps import SessionDep, SettingsDep, StoreDep, TenantDep
 from must_core.jobs import queries
+from must_core.jobs.inputs import INT64_MAX
 from must_core.jobs.schemas import ModelList, ModelRead
 from must_core.jobs.views import model_view
 from must_core.storage.keys import model_prefix
@@ -25,7 +26,7 @@ def list_models(
     tenant: TenantDep,
     settings: SettingsDep,
     limit: int = Query(20, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=INT64_MAX),
 ) -> ModelList:
     """The caller's adapted models, newest first."""
     limit = min(limit, settings.api.max_page_size)

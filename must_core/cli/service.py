@@ -219,6 +219,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             str(settings.api.port),
             "--workers",
             "1",
+            "--http",
+            "api.server:TimedH11Protocol",
             "--no-access-log",
         ],
         env=api_env,

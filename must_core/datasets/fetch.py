@@ -5,9 +5,11 @@ Policy is re-checked here: the submission-time check may be stale (a symlink add
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import shutil
+import socket
 import stat
 import tarfile
 import urllib.error
@@ -152,11 +154,57 @@ def _fetch_s3_prefix(parsed: ParsedUri, dest: Path, policy: DatasetSettings, cli
 
 
 # ---- http(s):// archives ---------------------------------------------------------------------------
-class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
-    """Re-apply the SSRF host check to every redirect target."""
+def _pinned_create_connection(policy: DatasetSettings) -> Callable[..., socket.socket]:
+    """``socket.create_connection`` that resolves the host once, checks every answer, and connects
+    to a checked address: a resolver that answers differently later (DNS rebinding) cannot
+    redirect the connection."""
 
+    def create_connection(
+        address: tuple[str, int], timeout: Any = None, source_address: Any = None, **_: Any
+    ) -> socket.socket:
+        host, port = address
+        error: OSError = OSError(f"no address for {host}")
+        for addr in check_host(host, policy.allow_private_hosts):
+            try:
+                return socket.create_connection((addr, port), timeout, source_address)
+            except OSError as exc:
+                error = exc
+        raise error
+
+    return create_connection
+
+
+class _PinnedHTTPHandler(urllib.request.HTTPHandler):
     def __init__(self, policy: DatasetSettings) -> None:
+        super().__init__()
         self.policy = policy
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(self._connection, req)
+
+    def _connection(self, host: str, **kw: Any) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(host, **kw)
+        conn._create_connection = _pinned_create_connection(self.policy)  # type: ignore[attr-defined]
+        return conn
+
+
+class _PinnedHTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, policy: DatasetSettings) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def https_open(self, req: Any) -> Any:
+        return self.do_open(self._connection, req)
+
+    def _connection(self, host: str, **kw: Any) -> http.client.HTTPSConnection:
+        # TLS still verifies the certificate against the host name (SNI), not the pinned address
+        conn = http.client.HTTPSConnection(host, **kw)
+        conn._create_connection = _pinned_create_connection(self.policy)  # type: ignore[attr-defined]
+        return conn
+
+
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Redirects stay on http(s); each hop opens a new pinned connection, so its host is checked."""
 
     def redirect_request(
         self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str
@@ -164,14 +212,17 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         parts = urlsplit(newurl)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise UriPolicyError(f"redirect to a non-http(s) URL refused: {newurl}")
-        check_host(parts.hostname, self.policy.allow_private_hosts)
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
 def download_http(parsed: ParsedUri, dest: Path, policy: DatasetSettings) -> None:
-    """Stream to ``dest`` with a byte cap; the host is re-checked right before connecting."""
-    check_host(parsed.host, policy.allow_private_hosts)
-    opener = urllib.request.build_opener(_CheckedRedirects(policy))
+    """Stream to ``dest`` with a byte cap; every connection goes to an address checked for it."""
+    opener = urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),  # a proxy would connect on our behalf, unchecked
+        _PinnedHTTPHandler(policy),
+        _PinnedHTTPSHandler(policy),
+        _CheckedRedirects(),
+    )
     request = urllib.request.Request(parsed.raw, headers={"User-Agent": "must-service"})  # noqa: S310
     received = 0
     try:

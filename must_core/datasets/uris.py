@@ -11,6 +11,7 @@ Accepted forms:
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from dataclasses import dataclass
@@ -114,24 +115,69 @@ def check_policy(parsed: ParsedUri, policy: DatasetSettings, *, kind: Kind = "di
 
 
 def resolve_under_roots(path: Path, roots: list[Path]) -> Path:
-    """Resolve symlinks and require the result inside one of ``roots``."""
+    """Resolve symlinks and require the result inside one of ``roots``.
+
+    Every refusal has the same message, so a caller cannot learn whether a path outside the roots
+    exists (the lexical check runs before anything outside the roots is touched).
+    """
     if not roots:
         raise UriPolicyError("file:// URIs are disabled (no MUST_DATASETS__ALLOWED_ROOTS)")
+    refused = UriPolicyError(f"{path} is not an existing path inside the allowed roots")
+    resolved_roots = [root.resolve() for root in roots]
+    if not any(_inside(Path(os.path.abspath(path)), r) for r in resolved_roots + roots):
+        raise refused
     try:
         resolved = path.resolve(strict=True)
-    except (OSError, RuntimeError) as exc:
-        raise UriPolicyError(f"{path} does not exist or cannot be resolved") from exc
-    for root in roots:
-        root_r = root.resolve()
-        if resolved == root_r or root_r in resolved.parents:
-            return resolved
-    raise UriPolicyError(f"{path} is outside the allowed roots")
+    except (OSError, RuntimeError, ValueError):
+        raise refused from None
+    if not any(_inside(resolved, r) for r in resolved_roots):
+        raise refused
+    return resolved
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path == root or root in path.parents
+
+
+LOCAL_DIR = "local-dir:"
+
+
+def check_local_dir(arch: str, policy: DatasetSettings) -> Path | None:
+    """``local-dir:/path`` base models obey the same allowed roots as ``file://`` URIs."""
+    if not arch.startswith(LOCAL_DIR):
+        return None
+    raw = arch[len(LOCAL_DIR) :]
+    if not raw.startswith("/") or ".." in PurePosixPath(raw).parts:
+        raise InvalidUriError("local-dir: needs an absolute path without '..'")
+    folder = resolve_under_roots(Path(raw), policy.allowed_roots)
+    if not folder.is_dir():
+        raise UriPolicyError(f"{raw} is not a directory")
+    return folder
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 form carries (mapped, compatible, NAT64, 6to4, Teredo client)."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    if ip in _NAT64 or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
 
 
 def is_public_address(addr: str) -> bool:
     ip = ipaddress.ip_address(addr.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(ip)
+        if inner is not None:
+            return is_public_address(str(inner))
     return bool(ip.is_global) and not ip.is_multicast
 
 

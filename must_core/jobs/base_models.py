@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from must_core.datasets.fetch import fetch_file
+from must_core.datasets.uris import check_local_dir
 from must_core.ml.config import BaseModelSpec
 from must_core.settings import Settings
 from must_core.storage.factory import make_s3_client_from_settings
@@ -21,6 +22,7 @@ def resolve_base_model(bm: dict[str, Any], dest: Path, settings: Settings) -> Ba
         return make_s3_client_from_settings(settings)
 
     policy = settings.datasets
+    check_local_dir(str(bm.get("arch") or ""), policy)  # re-checked where it is used
     config_path = ckpt_path = None
     if bm.get("config_uri"):
         config_path = fetch_file(bm["config_uri"], dest / "config.json", policy, s3_client)

@@ -35,15 +35,23 @@ def worker_queues(worker: WorkerSettings) -> list[str]:
 
 
 def send_run_job(
-    send_task: Callable[..., Any], settings: Settings, job_id: str, processes: int = 1
+    send_task: Callable[..., Any],
+    settings: Settings,
+    job_id: str,
+    processes: int = 1,
+    *,
+    retry: bool = True,
 ) -> None:
-    """Send ``must.run_job`` for ``job_id`` (with an expiry: the sweeper re-sends stale messages)."""
+    """Send ``must.run_job`` for ``job_id`` (with an expiry: the sweeper re-sends stale messages).
+
+    ``retry=False``: one attempt (the API: its caller must not wait; the outbox relay sends later).
+    """
     w = settings.worker
     send_task(
         names.RUN_JOB,
         args=[job_id],
         queue=queue_for(w, processes),
         expires=w.requeue_queued_after_s,
-        retry=True,
+        retry=retry,
         retry_policy=SEND_RETRY_POLICY,
     )

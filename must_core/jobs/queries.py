@@ -6,11 +6,14 @@ that lost its claim (sweeper re-queued the job) can never overwrite the new atte
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from must_core.db.base import utcnow
@@ -29,6 +32,10 @@ class JobNotCancellableError(MustError):
     code = "job_not_cancellable"
 
 
+class IdempotencyConflictError(MustError):
+    code = "idempotency_conflict"
+
+
 def _rows(result: Any) -> int:
     """Rows matched by an UPDATE (CursorResult.rowcount)."""
     return int(result.rowcount)
@@ -45,10 +52,17 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
 
 
 # ---- jobs: API side ------------------------------------------------------------------------------
-def create_job(session: Session, tenant_id: uuid.UUID, spec: dict[str, Any]) -> Job:
+def create_job(
+    session: Session,
+    tenant_id: uuid.UUID,
+    spec: dict[str, Any],
+    idempotency_key: str | None = None,
+) -> Job:
     now = utcnow()
     job = Job(
         tenant_id=tenant_id,
+        idempotency_key=idempotency_key,
+        request_hash=spec_hash(spec) if idempotency_key else None,
         status=JobStatus.QUEUED.value,
         spec=spec,
         progress={},
@@ -64,6 +78,40 @@ def create_job(session: Session, tenant_id: uuid.UUID, spec: dict[str, Any]) -> 
     return job
 
 
+def spec_hash(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def job_for_key(
+    session: Session, tenant_id: uuid.UUID, key: str, spec: dict[str, Any]
+) -> Job | None:
+    """The tenant's job created with this Idempotency-Key, or None; 409 if its body differed."""
+    job = session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
+    if job is not None and job.request_hash != spec_hash(spec):
+        raise IdempotencyConflictError("this Idempotency-Key was used with a different body")
+    return job
+
+
+def create_job_once(
+    session: Session, tenant_id: uuid.UUID, spec: dict[str, Any], key: str | None
+) -> tuple[Job, bool]:
+    """(job, created). With a key, a concurrent duplicate loses on the unique constraint and
+    gets the winner's job."""
+    if key is None:
+        return create_job(session, tenant_id, spec), True
+    existing = job_for_key(session, tenant_id, key, spec)
+    if existing is not None:
+        return existing, False
+    try:
+        with session.begin_nested():
+            return create_job(session, tenant_id, spec, key), True
+    except IntegrityError:
+        winner = job_for_key(session, tenant_id, key, spec)
+        if winner is None:
+            raise
+        return winner, False
+
+
 def mark_enqueued(session: Session, job_id: uuid.UUID) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
 
@@ -74,6 +122,13 @@ def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
     if job is None:
         raise NotFoundError(f"job {job_id} not found")
     return job
+
+
+def owns_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> bool:
+    return (
+        session.scalar(select(Job.id).where(Job.id == job_id, Job.tenant_id == tenant_id))
+        is not None
+    )
 
 
 def list_jobs(
@@ -196,7 +251,12 @@ def release_job(session: Session, job_id: uuid.UUID, attempt: int) -> bool:
     res = session.execute(
         update(Job)
         .where(_owned(job_id, attempt))
-        .values(status=JobStatus.QUEUED.value, updated_at=now, enqueued_at=now)
+        .values(
+            status=JobStatus.QUEUED.value,
+            updated_at=now,
+            enqueued_at=now,
+            transient_retries=Job.transient_retries + 1,
+        )
     )
     return _rows(res) == 1
 
@@ -226,17 +286,17 @@ def sweep_stale(
     """
     cutoff = now - timedelta(seconds=stale_after_s)
     stale = session.execute(
-        select(Job.id, Job.attempt, Job.cancel_requested).where(
+        select(Job.id, Job.attempt, Job.transient_retries, Job.cancel_requested).where(
             Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < cutoff
         )
     ).all()
     requeued: list[uuid.UUID] = []
     failed: list[uuid.UUID] = []
-    for job_id, attempt, cancel in stale:
+    for job_id, attempt, transient, cancel in stale:
         cond = _owned(job_id, attempt) & (Job.heartbeat_at < cutoff)
         if cancel:
             values: dict[str, Any] = {"status": JobStatus.CANCELLED.value, "finished_at": now}
-        elif attempt >= max_attempts:
+        elif attempt - (transient or 0) >= max_attempts:  # worker deaths, not transient retries
             values = {
                 "status": JobStatus.FAILED.value,
                 "finished_at": now,
@@ -270,6 +330,53 @@ def queued_due_for_resend(session: Session, *, now: datetime, after_s: float) ->
     return ids
 
 
+def unsent_jobs(session: Session, *, now: datetime, grace_s: float) -> list[uuid.UUID]:
+    """The outbox: committed queued jobs whose message was never sent (``enqueued_at`` unset) and
+    whose submitter had ``grace_s`` to send it; marked as sent here, in the relay's transaction."""
+    cutoff = now - timedelta(seconds=grace_s)
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status == JobStatus.QUEUED.value,
+                Job.enqueued_at.is_(None),
+                Job.created_at <= cutoff,
+            )
+            .limit(1000)
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job).where(Job.id.in_(ids), Job.enqueued_at.is_(None)).values(enqueued_at=now)
+        )
+    return ids
+
+
+def queued_sent_before(session: Session, *, cutoff: datetime) -> list[uuid.UUID]:
+    """Queued jobs whose message was sent before ``cutoff`` (candidates for a lost message)."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.status == JobStatus.QUEUED.value, Job.enqueued_at < cutoff)
+            .limit(1000)
+        )
+    )
+
+
+def mark_resent(session: Session, ids: list[uuid.UUID], *, now: datetime) -> list[uuid.UUID]:
+    """Bump ``enqueued_at`` of jobs still queued; returns those this caller will send."""
+    sent = []
+    for job_id in ids:
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value)
+            .values(enqueued_at=now)
+        )
+        if _rows(res) == 1:
+            sent.append(job_id)
+    return sent
+
+
 def processes_of(session: Session, ids: list[uuid.UUID]) -> dict[uuid.UUID, int]:
     """Training processes each job asked for (routes its message to a worker that has them)."""
     from must_core.jobs.dispatch import job_processes
@@ -301,6 +408,46 @@ def get_model(session: Session, tenant_id: uuid.UUID, model_id: uuid.UUID) -> Ad
     if model is None:
         raise NotFoundError(f"model {model_id} not found")
     return model
+
+
+class JobNotFinishedError(MustError):
+    code = "job_not_finished"
+
+
+def require_finished(job: Job) -> None:
+    if job.status not in TERMINAL:
+        raise JobNotFinishedError(
+            f"job {job.id} is {job.status}; cancel it and wait until it stops"
+        )
+
+
+def delete_job(session: Session, job: Job) -> uuid.UUID | None:
+    """Delete a finished job and its model row; returns the model id (to evict) or None."""
+    require_finished(job)
+    model_id = job.model_id
+    session.execute(delete(AdaptedModel).where(AdaptedModel.job_id == job.id))
+    session.delete(job)
+    session.flush()
+    return model_id
+
+
+def checkpoints_to_purge(session: Session, *, cutoff: datetime) -> list[uuid.UUID]:
+    """Finished jobs (before ``cutoff``) that still have a stored checkpoint."""
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.status.in_([s.value for s in TERMINAL]),
+                Job.finished_at < cutoff,
+                Job.checkpoint_step.is_not(None),
+            )
+            .limit(200)
+        )
+    )
+
+
+def mark_checkpoint_purged(session: Session, job_id: uuid.UUID) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(checkpoint_step=None))
 
 
 def delete_model(session: Session, model: AdaptedModel) -> None:

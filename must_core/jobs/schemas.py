@@ -6,8 +6,9 @@ import uuid
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from must_core.jobs.inputs import MAX_SEED, check_json_value
 from must_core.jobs.states import JobStatus
 
 
@@ -41,15 +42,34 @@ class JobParams(BaseModel):
     num_processes: int | None = Field(None, ge=1, le=64)
     lr: float | None = Field(None, gt=0, le=1.0)
     min_steps: int | None = Field(None, ge=0, le=10_000_000)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _storable(cls, data: Any) -> Any:
+        check_json_value(data)  # every string, key and number, before any field rule
+        return data
+
     dataset_uri: str = Field(..., min_length=1, max_length=4096)
-    class_names: list[str] = Field(..., min_length=2)
-    templates: list[str] | None = None
+    class_names: list[str] = Field(
+        ...,
+        min_length=2,
+        json_schema_extra={
+            "uniqueItems": True,
+            "items": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"\S"},
+        },
+    )
+    templates: list[str] | None = Field(
+        None,
+        min_length=1,
+        json_schema_extra={
+            "items": {"type": "string", "maxLength": 300, "pattern": r"^[^{}]*\{\}[^{}]*$"}
+        },
+    )
     base_model: BaseModelRequest = Field(default_factory=BaseModelRequest)  # type: ignore[arg-type]
     eval_dataset_uri: str | None = Field(None, max_length=4096)
     params: JobParams = Field(default_factory=JobParams)  # type: ignore[arg-type]
@@ -58,7 +78,7 @@ class JobCreate(BaseModel):
     @classmethod
     def _classes(cls, v: list[str]) -> list[str]:
         cleaned = [c.strip() for c in v]
-        if any(not c or len(c) > 200 for c in cleaned):
+        if any(not c or len(raw) > 200 for c, raw in zip(cleaned, v, strict=True)):
             raise ValueError("class names must be 1-200 characters")
         if len(set(cleaned)) != len(cleaned):
             raise ValueError("class names must be unique")
@@ -119,6 +139,7 @@ class JobRead(_Schema):
     model_id: uuid.UUID | None
     error: JobError | None
     attempt: int
+    transient_retries: int = 0  # claims released after a transient error (not worker deaths)
     cancel_requested: bool
     resumed_from_step: int | None
     checkpoint_step: int | None

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
+import uuid
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from must_core.datasets.uris import validate_uri
+from must_core.datasets.errors import UriPolicyError
+from must_core.datasets.uris import Kind, check_local_dir, validate_uri
 from must_core.errors import InvalidConfigError
 from must_core.jobs.schemas import JobCreate
 from must_core.settings import Settings
+
+# Whether the caller's tenant owns a job id (artifact-bucket URIs are readable under own jobs only).
+OwnsJob = Callable[[uuid.UUID], bool]
 
 # Runtime knobs the worker sets from settings; a job's params may not set them.
 RUNTIME_KEYS = frozenset(
@@ -24,21 +31,39 @@ RUNTIME_KEYS = frozenset(
 )
 
 
-def validate_job(body: JobCreate, settings: Settings) -> dict[str, Any]:
+def validate_request_uri(uri: str, settings: Settings, owns_job: OwnsJob, kind: Kind) -> None:
+    """The one URI policy for everything a request names: syntax, allowed roots/buckets/hosts, and
+    the artifact bucket only under the caller's own jobs (one message either way: no existence
+    leak about other tenants' jobs)."""
+    parsed = validate_uri(uri, settings.datasets, kind=kind)
+    if parsed.scheme != "s3" or parsed.bucket != settings.storage.bucket:
+        return
+    own = re.match(rf"^{re.escape(settings.storage.prefix)}jobs/([0-9a-f-]{{36}})/", parsed.key)
+    if own is None or not owns_job(uuid.UUID(own.group(1))):
+        raise UriPolicyError(
+            "the artifact bucket may only be named under the prefixes of your own jobs"
+        )
+
+
+def validate_base_model(bm: Mapping[str, Any], settings: Settings, owns_job: OwnsJob) -> None:
+    """``config_uri``/``checkpoint_uri`` and a ``local-dir:`` arch, for jobs and zero-shot alike."""
+    check_local_dir(str(bm.get("arch") or ""), settings.datasets)
+    for key in ("config_uri", "checkpoint_uri"):
+        if bm.get(key):
+            validate_request_uri(bm[key], settings, owns_job, "file")
+
+
+def validate_job(body: JobCreate, settings: Settings, owns_job: OwnsJob) -> dict[str, Any]:
     """Validate a submission and return the spec stored on the job row.
 
     Raises:
         InvalidUriError / UriPolicyError: a URI is malformed or refused by policy.
         InvalidConfigError: unknown preset/key, out-of-range value or a runtime-only key.
     """
-    policy = settings.datasets
-    validate_uri(body.dataset_uri, policy, kind="dir")
+    validate_request_uri(body.dataset_uri, settings, owns_job, "dir")
     if body.eval_dataset_uri:
-        validate_uri(body.eval_dataset_uri, policy, kind="dir")
-    if body.base_model.config_uri:
-        validate_uri(body.base_model.config_uri, policy, kind="file")
-    if body.base_model.checkpoint_uri:
-        validate_uri(body.base_model.checkpoint_uri, policy, kind="file")
+        validate_request_uri(body.eval_dataset_uri, settings, owns_job, "dir")
+    validate_base_model(body.base_model.model_dump(), settings, owns_job)
     if len(body.class_names) > settings.api.max_class_names:
         raise InvalidConfigError(f"at most {settings.api.max_class_names} class names")
     if body.templates and len(body.templates) > settings.api.max_templates:

@@ -42,6 +42,7 @@ def job_view(job: Job) -> JobRead:
         if job.error_code
         else None,
         attempt=job.attempt,
+        transient_retries=job.transient_retries,
         cancel_requested=job.cancel_requested,
         resumed_from_step=job.resumed_from_step,
         checkpoint_step=job.checkpoint_step,

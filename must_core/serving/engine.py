@@ -50,6 +50,15 @@ class Served:
     def classify(self, images: Sequence[Image.Image], top_k: int) -> list[Prediction]:
         return self.classifier.predictions_from_logits(self.logits(images), top_k)
 
+    def classify_encoded(
+        self, raws: Sequence[bytes], decode: Callable[[bytes, int], Image.Image], top_k: int
+    ) -> list[Prediction]:
+        """Decode one image at a time straight into the input batch: only one decoded image is
+        alive at once. ``decode(raw, side)`` gets the model's input side for early reduction."""
+        side = self.classifier.preprocess.image_size
+        x = torch.stack([self.classifier.transform(decode(raw, side)) for raw in raws])
+        return self.classifier.predictions_from_logits(self.batcher(x), top_k)
+
 
 def module_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())

@@ -9,6 +9,10 @@ def job_prefix(job_id: uuid.UUID | str) -> str:
     return f"jobs/{job_id}/"
 
 
+def checkpoint_prefix(job_id: uuid.UUID | str) -> str:
+    return f"jobs/{job_id}/checkpoints/"
+
+
 def checkpoint_key(job_id: uuid.UUID | str) -> str:
     return f"jobs/{job_id}/checkpoints/last.pt"
 

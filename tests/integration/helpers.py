@@ -170,6 +170,8 @@ def start_api(env: dict[str, str], log_dir: Path, port: int) -> tuple[Proc, str]
             str(port),
             "--workers",
             "1",
+            "--http",
+            "api.server:TimedH11Protocol",
         ],
         env,
         log_dir,

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.bad_inputs import BAD_JOB_PATCHES, BAD_LIST_QUERIES, raw_json
 from tests.integration.conftest import job_body
 
 pytestmark = pytest.mark.integration
@@ -137,3 +138,72 @@ def test_tenant_isolation_and_queued_cancel(
     listed = client_a.get("/v1/jobs", params={"status": "cancelled", "limit": 5}).json()
     assert jid in [j["id"] for j in listed["items"]] and listed["limit"] == 5
     assert client_a.get("/v1/jobs", params={"status": "bogus"}).status_code == 422
+
+
+@pytest.mark.parametrize("patch", BAD_JOB_PATCHES, ids=lambda p: ascii(p)[:40])
+def test_unstorable_input_is_422_and_commits_nothing_on_postgres(
+    api: str, cli: Any, tiny_config_uri: str, patch: dict[str, Any]
+) -> None:
+    key = cli("keys", "create", "--tenant", "tenant-bad-input").stdout.strip()
+    headers = {"Authorization": f"Bearer {key}", "content-type": "application/json"}
+    body = {**job_body("s3://test-must-datasets/none/", tiny_config_uri), **patch}
+    r = httpx.post(f"{api}/v1/jobs", headers=headers, content=raw_json(body))
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    listed = httpx.get(f"{api}/v1/jobs", headers=headers)
+    assert listed.status_code == 200 and listed.json()["total"] == 0
+    for query in BAD_LIST_QUERIES:
+        assert httpx.get(f"{api}/v1/jobs", headers=headers, params=query).status_code == 422
+
+
+def test_local_dir_and_artifact_bucket_follow_the_uri_policy(
+    client_a: httpx.Client, client_b: httpx.Client, tiny_config_uri: str, s3: dict[str, Any]
+) -> None:
+    dataset = "s3://test-must-datasets/none/"
+
+    def submit(client: httpx.Client, **base_model: Any) -> httpx.Response:
+        body = job_body(dataset, tiny_config_uri)
+        body["base_model"] = {**body["base_model"], **base_model}
+        return client.post("/v1/jobs", json=body)
+
+    for arch in ("local-dir:/etc", "local-dir:/no/such/folder"):
+        r = submit(client_a, arch=arch)
+        assert (r.status_code, r.json()["code"]) == (403, "uri_forbidden"), r.text
+        assert "inside the allowed roots" in r.json()["detail"]  # same answer, existing or not
+        zs = client_a.post(
+            "/v1/classify",
+            json={"base_model": {"arch": arch}, "class_names": ["a", "b"], "images": ["AAAA"]},
+        )
+        assert (zs.status_code, zs.json()["code"]) == (403, "uri_forbidden"), zs.text
+    theirs = submit(client_b).json()["id"]
+    mine = submit(client_a).json()["id"]
+    artifacts = f"s3://{s3['bucket']}/jobs"
+    details = set()
+    for job_id in (theirs, "00000000-0000-4000-8000-000000000000"):
+        r = submit(client_a, checkpoint_uri=f"{artifacts}/{job_id}/checkpoints/last.pt")
+        assert (r.status_code, r.json()["code"]) == (403, "uri_forbidden"), r.text
+        details.add(r.json()["detail"])
+    assert len(details) == 1  # another tenant's job and no job look the same
+    own = submit(client_a, checkpoint_uri=f"{artifacts}/{mine}/checkpoints/last.pt")
+    assert own.status_code == 202, own.text
+    for client, job_id in ((client_b, theirs), (client_a, mine), (client_a, own.json()["id"])):
+        client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_concurrent_submissions_with_one_idempotency_key_make_one_job(
+    api: str, cli: Any, tiny_config_uri: str
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = cli("keys", "create", "--tenant", "tenant-idem").stdout.strip()
+    headers = {"Authorization": f"Bearer {key}", "Idempotency-Key": "same-submission"}
+    body = job_body("s3://test-must-datasets/idem/", tiny_config_uri)
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(
+            pool.map(lambda _: httpx.post(f"{api}/v1/jobs", headers=headers, json=body), range(8))
+        )
+    assert all(r.status_code == 202 for r in rs), [r.text for r in rs if r.status_code != 202]
+    assert len({r.json()["id"] for r in rs}) == 1
+    listed = httpx.get(f"{api}/v1/jobs", headers=headers).json()
+    assert listed["total"] == 1
+    httpx.post(f"{api}/v1/jobs/{rs[0].json()['id']}/cancel", headers=headers)

@@ -15,6 +15,7 @@ from must_core import auth
 from must_core.cli.service import upgrade_database
 from must_core.db.session import make_engine, make_sessionmaker, session_scope
 from must_core.settings import Settings
+from tests.bad_inputs import BAD_JOB_PATCHES, BAD_LIST_QUERIES, raw_json
 
 
 def _settings(tmp_path: Path, **extra: Any) -> Settings:
@@ -98,3 +99,104 @@ def test_readyz_reports_unreachable_broker(tmp_path: Path) -> None:
         assert checks["database"] == "ok" and checks["storage"] == "ok"
         assert checks["broker"].startswith("error")
         assert c.get("/healthz").status_code == 200
+
+
+@pytest.mark.parametrize("patch", BAD_JOB_PATCHES, ids=lambda p: ascii(p)[:40])
+def test_unstorable_input_is_422_and_commits_nothing(
+    client: TestClient, settings: Settings, patch: dict[str, Any]
+) -> None:
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}", "content-type": "application/json"}
+    data = settings.data_dir / "ds"
+    data.mkdir(exist_ok=True)
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"], **patch}
+    r = client.post("/v1/jobs", headers=headers, content=raw_json(body))
+    assert r.status_code == 422, r.text
+    assert r.headers["content-type"] == "application/problem+json"
+    listed = client.get("/v1/jobs", headers=headers)
+    assert listed.status_code == 200 and listed.json()["total"] == 0
+
+
+@pytest.mark.parametrize("query", BAD_LIST_QUERIES, ids=str)
+def test_out_of_range_pagination_is_422(
+    client: TestClient, settings: Settings, query: dict[str, str]
+) -> None:
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}"}
+    for path in ("/v1/jobs", "/v1/models"):
+        assert client.get(path, headers=headers, params=query).status_code == 422
+
+
+def test_idempotency_key_returns_the_same_job(client: TestClient, settings: Settings) -> None:
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}", "Idempotency-Key": "order-42"}
+    data = settings.data_dir / "ds"
+    data.mkdir()
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"]}
+    first = client.post("/v1/jobs", headers=headers, json=body)
+    again = client.post("/v1/jobs", headers=headers, json=body)
+    assert first.status_code == again.status_code == 202, again.text
+    assert first.json()["id"] == again.json()["id"]
+    other = client.post("/v1/jobs", headers=headers, json={**body, "class_names": ["a", "c"]})
+    assert (other.status_code, other.json()["code"]) == (409, "idempotency_conflict")
+    fresh = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "order-43"}, json=body)
+    assert fresh.json()["id"] != first.json()["id"]
+    assert client.get("/v1/jobs", headers=headers).json()["total"] == 2
+    assert len(list((settings.broker_folder / "queue").iterdir())) == 2  # sent once per job
+    bad = client.post("/v1/jobs", headers={**headers, "Idempotency-Key": "a b"}, json=body)
+    assert bad.status_code == 422
+
+
+def test_delete_finished_job_removes_row_model_and_artifacts(
+    client: TestClient, settings: Settings
+) -> None:
+    from sqlalchemy import update
+
+    from must_core.db.models import Job
+    from must_core.storage import make_store
+    from must_core.storage.keys import checkpoint_key, model_key
+
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}"}
+    data = settings.data_dir / "ds"
+    data.mkdir()
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"]}
+    jid = client.post("/v1/jobs", headers=headers, json=body).json()["id"]
+    assert client.delete(f"/v1/jobs/{jid}", headers=headers).json()["code"] == "job_not_finished"
+    store = make_store(settings)
+    blob = settings.data_dir / "blob"
+    blob.write_bytes(b"x")
+    for key in (checkpoint_key(jid), model_key(jid)):
+        store.put_file(blob, key)
+    engine = make_engine(settings.database_url)
+    with session_scope(make_sessionmaker(engine)) as s:
+        s.execute(update(Job).values(status="failed"))
+    engine.dispose()
+    other = {"Authorization": f"Bearer {_key(settings, 'other')}"}
+    assert client.delete(f"/v1/jobs/{jid}", headers=other).status_code == 404
+    assert client.delete(f"/v1/jobs/{jid}", headers=headers).status_code == 204
+    assert client.get(f"/v1/jobs/{jid}", headers=headers).status_code == 404
+    assert not store.exists(checkpoint_key(jid)) and not store.exists(model_key(jid))
+    assert client.delete(f"/v1/jobs/{jid}", headers=headers).status_code == 404
+
+
+def test_failed_auth_is_rate_limited_per_address_and_key(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, api={"auth": "keys", "auth_failures_limit": 3})
+    good = {"Authorization": f"Bearer {_key(settings, 't')}"}
+    with TestClient(create_app(settings)) as c:
+        bad = {"Authorization": "Bearer must_wrong"}
+        assert [c.get("/v1/jobs", headers=bad).status_code for _ in range(3)] == [401] * 3
+        limited = c.get("/v1/jobs", headers=bad)
+        assert (limited.status_code, limited.json()["code"]) == (429, "too_many_requests")
+        assert 1 <= int(limited.headers["retry-after"]) <= 60
+        assert c.get("/v1/jobs", headers=good).status_code == 429  # the address is limited too
+    with TestClient(create_app(settings)) as fresh:  # a new process starts counting afresh
+        assert fresh.get("/v1/jobs", headers=good).status_code == 200
+
+
+@pytest.mark.parametrize(("mode", "status"), [("public", 200), ("token", 401), ("off", 404)])
+def test_metrics_behind_a_setting(tmp_path: Path, mode: str, status: int) -> None:
+    settings = _settings(tmp_path, api={"auth": "keys", "metrics": mode, "metrics_token": "s3cret"})
+    with TestClient(create_app(settings)) as c:
+        assert c.get("/metrics").status_code == status
+        assert c.get("/metrics", headers={"Authorization": "Bearer s3cret"}).status_code == (
+            404 if mode == "off" else 200
+        )
+        latin1 = {"Authorization": "Bearer \xe9".encode("latin-1")}
+        assert c.get("/metrics", headers=latin1).status_code == status

@@ -5,23 +5,27 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import socket
 import tarfile
 import threading
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from must_core.datasets import uris
 from must_core.datasets.errors import (
     ArchiveBombError,
+    DatasetFetchError,
     DatasetTooLargeError,
     InvalidUriError,
     UnsafeArchiveError,
     UriPolicyError,
 )
 from must_core.datasets.fetch import extract_archive, fetch_dataset, fetch_file
-from must_core.datasets.uris import is_public_address, parse_uri, validate_uri
+from must_core.datasets.uris import check_local_dir, is_public_address, parse_uri, validate_uri
 from must_core.settings import DatasetSettings
 
 
@@ -112,6 +116,14 @@ def test_bucket_allow_list() -> None:
         ("0.0.0.0", False),  # noqa: S104
         ("100.64.0.1", False),
         ("2001:4860:4860::8888", True),
+        ("64:ff9b::7f00:1", False),  # NAT64 of 127.0.0.1
+        ("64:ff9b::a9fe:a9fe", False),  # NAT64 of 169.254.169.254
+        ("64:ff9b::808:808", True),  # NAT64 of 8.8.8.8
+        ("2002:7f00:1::", False),  # 6to4 of 127.0.0.1
+        ("2002:a00:1::1", False),  # 6to4 of 10.0.0.1
+        ("::7f00:1", False),  # IPv4-compatible 127.0.0.1
+        ("::ffff:a9fe:a9fe", False),  # IPv4-mapped 169.254.169.254
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False),  # Teredo
     ],
 )
 def test_public_address(addr: str, public: bool) -> None:
@@ -197,6 +209,9 @@ def test_tar_links_and_traversal_refused(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "ok.png").read_bytes() == b"x"
 
 
+HITS: list[str] = []
+
+
 @pytest.fixture
 def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     root = tmp_path / "www"
@@ -210,6 +225,7 @@ def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             pass
 
         def do_GET(self) -> None:
+            HITS.append(self.path)
             if self.path == "/redirect.zip":
                 self.send_response(302)
                 self.send_header("Location", "http://169.254.169.254/x.zip")
@@ -217,6 +233,7 @@ def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
                 return
             super().do_GET()
 
+    HITS.clear()
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", root
@@ -242,9 +259,57 @@ def test_http_archive_fetch(tmp_path: Path, http_server: tuple[str, Path]) -> No
     assert fetch_file(f"{base}/cfg.json", tmp_path / "c.json", allow, _no_s3).read_text() == "{}"
 
 
-def test_http_redirect_to_private_refused(tmp_path: Path, http_server: tuple[str, Path]) -> None:
-    base, _ = http_server
-    # The first hop is allowed here (loopback test server), the redirect target is re-checked.
+def test_http_redirect_to_private_refused(
+    tmp_path: Path, http_server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base, root = http_server
+    # The first hop must pass for the redirect check to be tested: treat the loopback test server
+    # as public; the redirect target (169.254.169.254) stays private and is refused.
+    real = uris.is_public_address
+    monkeypatch.setattr(uris, "is_public_address", lambda a: a == "127.0.0.1" or real(a))
+    (root / "direct.zip").write_bytes(_zip({"a/1.png": b"a"}))
     policy = DatasetSettings(allow_private_hosts=False)
-    with pytest.raises(UriPolicyError):
+    assert (fetch_dataset(f"{base}/direct.zip", tmp_path / "ok", policy, _no_s3) / "a").is_dir()
+    with pytest.raises(UriPolicyError, match=r"169\.254\.169\.254"):
         fetch_dataset(f"{base}/redirect.zip", tmp_path / "d", policy, _no_s3)
+
+
+def test_dns_rebinding_cannot_reach_loopback(
+    tmp_path: Path, http_server: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resolver answering public, public, then 127.0.0.1: the connection goes to an address that
+    was checked, never to the loopback server."""
+    base, root = http_server
+    port = base.rsplit(":", 1)[1]
+    (root / "data.zip").write_bytes(_zip({"a/1.png": b"a"}))
+    real = socket.getaddrinfo
+    answers = iter(["93.184.216.34", "93.184.216.34"])  # then loopback for ever
+
+    def resolver(host: str, *args: Any, **kw: Any) -> Any:
+        if host != "rebind.example":
+            return real(host, *args, **kw)
+        return real(next(answers, "127.0.0.1"), *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    monkeypatch.setattr(uris, "is_public_address", lambda a: not a.startswith("127."))
+    policy = DatasetSettings(http_timeout_s=2)
+    with pytest.raises((DatasetFetchError, UriPolicyError)):
+        fetch_dataset(f"http://rebind.example:{port}/data.zip", tmp_path / "d", policy, _no_s3)
+    assert HITS == []  # the loopback server never saw a request
+
+
+def test_local_dir_base_model_obeys_allowed_roots(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "clip").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    policy = DatasetSettings(allowed_roots=[root])
+    assert check_local_dir(f"local-dir:{root}/clip", policy) == (root / "clip").resolve()
+    assert check_local_dir("must-tiny", policy) is None
+    messages = set()
+    for path in (tmp_path / "outside", tmp_path / "missing", root / "missing"):
+        with pytest.raises(UriPolicyError) as err:
+            check_local_dir(f"local-dir:{path}", policy)
+        messages.add(err.value.message.replace(str(path), "P"))
+    assert len(messages) == 1  # existing or not, outside the roots: the same answer
+    with pytest.raises(InvalidUriError):
+        check_local_dir(f"local-dir:{root}/../outside", policy)

@@ -20,7 +20,7 @@ from must_core.jobs import queries
 from must_core.settings import Settings
 from must_core.storage.local import LocalStore
 from worker.runner import JobRunner, TransientJobError
-from worker.sweeper import sweep_once
+from worker.sweeper import relay_once, sweep_once
 
 
 @pytest.fixture
@@ -184,3 +184,79 @@ def test_transient_storage_error_releases_job_for_retry(
         runner.run_job(jid)
     job = _get(db, jid)
     assert job.status == "queued" and job.attempt == 1  # a Celery retry can claim it again
+
+
+def test_transient_retries_do_not_count_as_worker_deaths(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    import uuid
+
+    settings = _settings(tmp_path)  # max_attempts=2
+    jid = _job(db)
+    for attempt in (1, 2, 3):  # three claims released by transient errors
+        with session_scope(db) as s:
+            assert queries.claim_job(s, uuid.UUID(jid), "w") == attempt
+            assert queries.release_job(s, uuid.UUID(jid), attempt)
+    with session_scope(db) as s:
+        assert queries.claim_job(s, uuid.UUID(jid), "w") == 4
+    _age_heartbeat(db, jid, 60)
+    assert sweep_once(settings, db, lambda *_: None)["requeued"] == 1  # first death: resume
+    job = _get(db, jid)
+    assert job.status == "queued" and job.transient_retries == 3
+
+
+def test_relay_sends_the_outbox_and_lost_messages(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    import uuid
+
+    settings = _settings(tmp_path)
+    unsent, sent_lost, sent_kept = _job(db), _job(db), _job(db)
+    old = utcnow() - timedelta(seconds=60)
+    with session_scope(db) as s:
+        s.execute(update(Job).values(created_at=old))
+        for jid in (sent_lost, sent_kept):
+            s.execute(update(Job).where(Job.id == uuid.UUID(jid)).values(enqueued_at=old))
+    sent: list[str] = []
+    relay_once(settings, db, lambda j, _p: sent.append(j), lambda _queues: {sent_kept})
+    assert sorted(sent) == sorted([unsent, sent_lost])
+    sent.clear()
+    relay_once(settings, db, lambda j, _p: sent.append(j), lambda _queues: {sent_kept})
+    assert sent == []  # each is sent once, then waits LOST_MESSAGE_AFTER_S again
+
+
+def test_checkpoint_retention_deletes_old_checkpoints_of_finished_jobs(
+    db: sessionmaker[Session], tmp_path: Path
+) -> None:
+    import uuid
+
+    from must_core.storage.keys import checkpoint_key, metrics_key
+    from worker.sweeper import purge_checkpoints
+
+    store = LocalStore(tmp_path / "store")
+    settings = _settings(tmp_path, checkpoint_retention_s=3600)
+    old, recent, running = _job(db), _job(db), _job(db)
+    src = tmp_path / "blob"
+    src.write_bytes(b"x")
+    for jid in (old, recent, running):
+        store.put_file(src, checkpoint_key(jid))
+        store.put_file(src, metrics_key(jid))
+    with session_scope(db) as s:
+        for jid, status, age in (
+            (old, "failed", 7200),
+            (recent, "cancelled", 60),
+            (running, "running", 7200),
+        ):
+            s.execute(
+                update(Job)
+                .where(Job.id == uuid.UUID(jid))
+                .values(
+                    status=status, checkpoint_step=10, finished_at=utcnow() - timedelta(seconds=age)
+                )
+            )
+    assert purge_checkpoints(settings, db, store) == 1
+    assert not store.exists(checkpoint_key(old)) and store.exists(metrics_key(old))
+    assert store.exists(checkpoint_key(recent)) and store.exists(checkpoint_key(running))
+    assert _get(db, old).checkpoint_step is None
+    assert purge_checkpoints(settings, db, store) == 0  # done once
+    assert purge_checkpoints(_settings(tmp_path), db, store) == 0  # retention off: kept

@@ -21,9 +21,11 @@ from must_core.serving.batcher import MicroBatcher
 from must_core.serving.cache import ModelCache
 from must_core.serving.engine import ServingEngine, ServingOptions
 from must_core.serving.images import (
+    ImageLimits,
     ImageTooLargeError,
     NotAnImageError,
     PixelLimitError,
+    check_request,
     decode_base64,
     decode_image,
 )
@@ -36,17 +38,26 @@ def _png(w: int, h: int, mode: str = "RGB") -> bytes:
     return buf.getvalue()
 
 
+def _lim(max_bytes: int = 10**6, max_pixels: int = 10**6, **kw: int) -> ImageLimits:
+    return ImageLimits(
+        max_bytes=max_bytes,
+        max_pixels=max_pixels,
+        max_side=kw.get("max_side", 10**6),
+        max_request_pixels=kw.get("max_request_pixels", 10**9),
+    )
+
+
 def test_decode_limits_and_formats() -> None:
-    assert decode_image(_png(10, 12), max_bytes=10_000, max_pixels=1000).size == (10, 12)
-    assert decode_image(_png(5, 5, "LA"), max_bytes=10_000, max_pixels=1000).mode == "RGB"
+    assert decode_image(_png(10, 12), _lim(10_000, 1000)).size == (10, 12)
+    assert decode_image(_png(5, 5, "LA"), _lim(10_000, 1000)).mode == "RGB"
     with pytest.raises(ImageTooLargeError):
-        decode_image(_png(10, 10), max_bytes=10, max_pixels=1000)
+        decode_image(_png(10, 10), _lim(10, 1000))
     with pytest.raises(PixelLimitError):
-        decode_image(_png(100, 100), max_bytes=10**6, max_pixels=5000)
+        decode_image(_png(100, 100), _lim(10**6, 5000))
     with pytest.raises(NotAnImageError):
-        decode_image(b"hello world", max_bytes=1000, max_pixels=1000)
+        decode_image(b"hello world", _lim(1000, 1000))
     with pytest.raises(NotAnImageError):
-        decode_image(b"", max_bytes=1000, max_pixels=1000)
+        decode_image(b"", _lim(1000, 1000))
     raw = _png(4, 4)
     assert decode_base64(base64.b64encode(raw).decode(), 10_000) == raw
     assert decode_base64("data:image/png;base64," + base64.b64encode(raw).decode(), 10_000) == raw
@@ -56,13 +67,33 @@ def test_decode_limits_and_formats() -> None:
         decode_base64(base64.b64encode(b"x" * 5000).decode(), 100)
 
 
+def test_side_cap_and_request_pixel_budget_refuse_from_the_header() -> None:
+    with pytest.raises(PixelLimitError, match="side"):
+        decode_image(_png(3000, 1), _lim(max_side=2000))
+    check_request([_png(100, 100)] * 3, _lim(max_request_pixels=30_000))
+    with pytest.raises(PixelLimitError, match="in total"):
+        check_request([_png(100, 100)] * 4, _lim(max_request_pixels=30_000))
+
+
+def test_extreme_aspect_is_cropped_and_oversized_images_reduced() -> None:
+    assert decode_image(_png(2000, 10), _lim(), target_side=32).size == (40, 10)
+    assert decode_image(_png(10, 2000), _lim(), target_side=32).size == (10, 40)
+    assert decode_image(_png(100, 64), _lim(), target_side=32).size == (100, 64)  # untouched
+    assert min(decode_image(_png(1000, 700), _lim(), target_side=32).size) >= 64
+    assert decode_image(_png(1000, 700), _lim(), target_side=32).size == (100, 70)
+    buf = io.BytesIO()
+    Image.new("RGB", (1600, 1200), (10, 200, 30)).save(buf, format="JPEG")
+    drafted = decode_image(buf.getvalue(), _lim(max_pixels=10**7), target_side=32)
+    assert drafted.mode == "RGB" and 64 <= min(drafted.size) < 1200
+
+
 def test_exif_orientation_is_honoured() -> None:
     img = Image.new("RGB", (20, 10), (255, 0, 0))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° on display
     buf = io.BytesIO()
     img.save(buf, format="JPEG", exif=exif)
-    assert decode_image(buf.getvalue(), max_bytes=10**6, max_pixels=10**6).size == (10, 20)
+    assert decode_image(buf.getvalue(), _lim()).size == (10, 20)
 
 
 def test_cache_single_flight_and_budget_eviction() -> None:
