@@ -85,6 +85,8 @@ class WorkerSettings(BaseModel):
     # Decode each dataset once into a prepared form cached in the store (keyed by content); off:
     # decode the raw files every epoch.
     prepare_dataset: bool = True
+    # A finished job's model upload waits out a storage outage this long before failing the attempt.
+    storage_outage_s: float = Field(600.0, ge=0)
     # After a stop request (cancel, lost claim) the trainer checkpoints and exits; killed after this.
     stop_grace_s: float = Field(60.0, gt=0)
     work_dir: Path | None = (

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from must_core.datasets.fetch import fetch_dataset
+from must_core.datasets.fetch import FetchCancelled, fetch_dataset
 from must_core.db.models import AdaptedModel
 from must_core.db.session import session_scope
 from must_core.errors import InvalidConfigError, MustError
@@ -74,6 +75,7 @@ class _Attempt:
     prepared_key: str | None = None  # content key of the job's dataset (prepared-form cache)
     uploaded_prepared: set[str] = field(default_factory=set)
     prepared_upload: threading.Thread | None = None
+    seen_progress: bool = False  # the trainer has reported a step (it has state worth saving)
 
 
 class JobRunner:
@@ -107,6 +109,8 @@ class JobRunner:
             work = self.settings.work_dir / "jobs" / str(jid)
             try:
                 return self._run(state, work)
+            except FetchCancelled:
+                return self._stopped(state, {"status": "stopped", "killed": True})
             except TRANSIENT_ERRORS as exc:
                 _logger.warning("transient infrastructure error, releasing job for retry: %s", exc)
                 self._safe(lambda s: queries.release_job(s, jid, attempt))
@@ -162,12 +166,17 @@ class JobRunner:
                 f"{w.max_processes}",
             )
         self._write(state, progress={"step": ckpt_step or 0, "fraction": 0.0, "phase": "fetch"})
-        images = fetch_dataset(spec["dataset_uri"], work / "dataset", policy, s3_client)
+        stop = state.cancel.is_set
+        images = fetch_dataset(spec["dataset_uri"], work / "dataset", policy, s3_client, stop)
         eval_dir = None
         if spec.get("eval_dataset_uri"):
-            eval_dir = fetch_dataset(spec["eval_dataset_uri"], work / "eval", policy, s3_client)
+            eval_dir = fetch_dataset(
+                spec["eval_dataset_uri"], work / "eval", policy, s3_client, stop
+            )
         prepared_cache = self._fetch_prepared(state, images, work / "prepared")
+        _stop_if(stop)
         base = resolve_base_model(spec.get("base_model") or {}, work / "base", self.settings)
+        _stop_if(stop)
         params = dict(spec.get("params") or {})
         preset = params.pop("preset", None)
         cfg = make_config(
@@ -254,7 +263,9 @@ class JobRunner:
                 self._maybe_cache_prepared(state, launch)
                 if stop_deadline is None and (state.cancel.is_set() or state.lost.is_set()):
                     proc.request_stop()
-                    stop_deadline = time.monotonic() + w.stop_grace_s
+                    # before the first step there is nothing to save: a cancel takes effect now
+                    grace = w.stop_grace_s if state.seen_progress else 0.0
+                    stop_deadline = time.monotonic() + grace
                 if stop_deadline is not None and time.monotonic() > stop_deadline:
                     _logger.warning(
                         "trainer did not stop within %.0fs of the request", w.stop_grace_s
@@ -300,6 +311,7 @@ class JobRunner:
                 self._on_progress(state, event)
 
     def _on_progress(self, state: _Attempt, event: dict[str, Any]) -> None:
+        state.seen_progress = True
         now = time.monotonic()
         final = event["step"] >= event["total_steps"]
         if (
@@ -330,14 +342,14 @@ class JobRunner:
         if state.prepared_key is not None and isinstance(metrics.get("dataset_cache"), dict):
             metrics["dataset_cache"]["key"] = state.prepared_key
         model_path = Path(result["model_path"])
-        self.store.put_file(model_path, model_key(state.job_id))
+        self._put_patiently(model_path, model_key(state.job_id))
         ema_key = None
         if result.get("ema_model_path"):
             ema_key = model_key(state.job_id, ema=True)
-            self.store.put_file(Path(result["ema_model_path"]), ema_key)
+            self._put_patiently(Path(result["ema_model_path"]), ema_key)
         metrics_file = Path(result["output_dir"]) / "metrics.json"
         if metrics_file.exists():
-            self.store.put_file(metrics_file, metrics_key(state.job_id))
+            self._put_patiently(metrics_file, metrics_key(state.job_id))
         with session_scope(self.sessions) as s:
             job = queries.load_job(s, state.job_id)
             assert job is not None
@@ -388,6 +400,22 @@ class JobRunner:
         return "cancelled"
 
     # ---- helpers ---------------------------------------------------------------------------------
+    def _put_patiently(self, path: Path, key: str) -> None:
+        """Upload a finished result, waiting out a storage outage of up to ``storage_outage_s``:
+        the trained model is worth more than a quick failure (the checkpoint would mean a rerun)."""
+        deadline = time.monotonic() + self.settings.worker.storage_outage_s
+        delay = 1.0
+        while True:
+            try:
+                self.store.put_file(path, key)
+                return
+            except TransientStorageError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                _logger.warning("storage unavailable (%s); retrying in %.0fs", exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 15.0)
+
     def _write(self, state: _Attempt, **values: Any) -> None:
         with session_scope(self.sessions) as s:
             if not queries.update_running(s, state.job_id, state.attempt, **values):
@@ -425,6 +453,11 @@ class JobRunner:
                     state.lost.set()
             except Exception as exc:  # a DB blip must not kill the heartbeat thread
                 _logger.warning("heartbeat failed: %s", exc)
+
+
+def _stop_if(should_stop: Callable[[], bool]) -> None:
+    if should_stop():
+        raise FetchCancelled("cancelled before training")
 
 
 def _progress(event: dict[str, Any]) -> dict[str, Any]:

@@ -40,19 +40,43 @@ _RATIO_MIN_BYTES = 16 * 1024 * 1024
 S3ClientFactory = Callable[[], Any]
 
 
+class FetchCancelled(Exception):
+    """``should_stop`` said stop while a dataset was being fetched (the job is being cancelled)."""
+
+
+StopCheck = Callable[[], bool]
+
+
+def _never() -> bool:
+    return False
+
+
+def _check(should_stop: StopCheck) -> None:
+    if should_stop():
+        raise FetchCancelled("fetch cancelled")
+
+
 def fetch_dataset(
-    uri: str, dest: Path, policy: DatasetSettings, s3_client: S3ClientFactory
+    uri: str,
+    dest: Path,
+    policy: DatasetSettings,
+    s3_client: S3ClientFactory,
+    should_stop: StopCheck = _never,
 ) -> Path:
-    """Materialise the dataset under ``dest`` and return the folder to train on."""
+    """Materialise the dataset under ``dest`` and return the folder to train on.
+
+    ``should_stop`` is polled between files (and between chunks of a download): True raises
+    :class:`FetchCancelled` within about one file's transfer time.
+    """
     parsed = validate_uri(uri, policy, kind="dir")
     dest.mkdir(parents=True, exist_ok=True)
     if parsed.scheme == "file":
-        return _stage_local(parsed, dest, policy)
+        return _stage_local(parsed, dest, policy, should_stop)
     if parsed.scheme == "s3":
-        return _fetch_s3_prefix(parsed, dest, policy, s3_client())
+        return _fetch_s3_prefix(parsed, dest, policy, s3_client(), should_stop)
     archive = dest.parent / f"{dest.name}.download{parsed.archive_suffix}"
     try:
-        download_http(parsed, archive, policy)
+        download_http(parsed, archive, policy, should_stop)
         extract_archive(archive, dest, policy)
     finally:
         archive.unlink(missing_ok=True)
@@ -80,7 +104,9 @@ def fetch_file(uri: str, dest: Path, policy: DatasetSettings, s3_client: S3Clien
 
 
 # ---- file:// ------------------------------------------------------------------------------------
-def _stage_local(parsed: ParsedUri, dest: Path, policy: DatasetSettings) -> Path:
+def _stage_local(
+    parsed: ParsedUri, dest: Path, policy: DatasetSettings, should_stop: StopCheck = _never
+) -> Path:
     """Link every regular file that resolves inside the allowed root into ``dest``.
 
     Symlinked directories are not followed; symlinked files pointing outside the roots are dropped.
@@ -89,6 +115,7 @@ def _stage_local(parsed: ParsedUri, dest: Path, policy: DatasetSettings) -> Path
     root = parsed.path
     count = 0
     for dirpath, _dirnames, filenames in os.walk(root, followlinks=False):
+        _check(should_stop)
         for name in filenames:
             src = Path(dirpath) / name
             if src.suffix.lower() not in IMAGE_SUFFIXES or name.startswith("."):
@@ -110,7 +137,13 @@ def _stage_local(parsed: ParsedUri, dest: Path, policy: DatasetSettings) -> Path
 
 
 # ---- s3:// --------------------------------------------------------------------------------------
-def _fetch_s3_prefix(parsed: ParsedUri, dest: Path, policy: DatasetSettings, client: Any) -> Path:
+def _fetch_s3_prefix(
+    parsed: ParsedUri,
+    dest: Path,
+    policy: DatasetSettings,
+    client: Any,
+    should_stop: StopCheck = _never,
+) -> Path:
     from botocore.exceptions import BotoCoreError, ClientError
 
     objects: list[tuple[str, int]] = []
@@ -135,6 +168,7 @@ def _fetch_s3_prefix(parsed: ParsedUri, dest: Path, policy: DatasetSettings, cli
                         f"{parsed.raw} holds more than {policy.max_download_bytes} bytes"
                     )
         for key, _size in objects:
+            _check(should_stop)
             rel = _safe_relative(key[len(parsed.key) :])
             if rel is None:
                 _logger.warning("skipping object with an unsafe key: %s", key)
@@ -215,7 +249,9 @@ class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def download_http(parsed: ParsedUri, dest: Path, policy: DatasetSettings) -> None:
+def download_http(
+    parsed: ParsedUri, dest: Path, policy: DatasetSettings, should_stop: StopCheck = _never
+) -> None:
     """Stream to ``dest`` with a byte cap; every connection goes to an address checked for it."""
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),  # a proxy would connect on our behalf, unchecked
@@ -233,6 +269,7 @@ def download_http(parsed: ParsedUri, dest: Path, policy: DatasetSettings) -> Non
                     f"{parsed.raw} is {length} bytes; the cap is {policy.max_download_bytes}"
                 )
             while chunk := resp.read(_CHUNK):
+                _check(should_stop)
                 received += len(chunk)
                 if received > policy.max_download_bytes:
                     raise DatasetTooLargeError(

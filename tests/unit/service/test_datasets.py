@@ -313,3 +313,22 @@ def test_local_dir_base_model_obeys_allowed_roots(tmp_path: Path) -> None:
     assert len(messages) == 1  # existing or not, outside the roots: the same answer
     with pytest.raises(InvalidUriError):
         check_local_dir(f"local-dir:{root}/../outside", policy)
+
+
+def test_fetch_stops_between_files_when_asked(tmp_path: Path) -> None:
+    from must_core.datasets.fetch import FetchCancelled, fetch_dataset
+
+    root = tmp_path / "root"
+    for i in range(5):
+        (root / "ds" / f"d{i}").mkdir(parents=True)
+        (root / "ds" / f"d{i}" / "a.png").write_bytes(b"x")
+    policy = DatasetSettings(allowed_roots=[root])
+    calls: list[int] = []
+
+    def stop_after_two() -> bool:
+        calls.append(1)
+        return len(calls) > 2
+
+    with pytest.raises(FetchCancelled):
+        fetch_dataset(f"file://{root}/ds", tmp_path / "out", policy, lambda: None, stop_after_two)
+    assert len(calls) == 3  # checked per folder/file, not once at the end
