@@ -33,14 +33,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.train_step import CONFIGS
+from benchmarks.train_step import CONFIGS, default_optimizer
 from must_core.ml.checkpoint import AsyncCheckpointer, save_training_checkpoint
 from must_core.ml.distributed import DistContext, batch_layout, from_environment
 from must_core.ml.ema import EmaUpdater, make_teacher
 from must_core.ml.losses import LossWeights
 from must_core.ml.masking import MaskGenerator
 from must_core.ml.model import MustModel, build_visual_from_cfg, default_mask_patch_size
-from must_core.ml.optim import build_optimizer
 from must_core.ml.step import GlobalStep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,15 +73,7 @@ def time_steps(args: argparse.Namespace, dist: DistContext, micro: int | None) -
         student = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
     teacher = make_teacher(model)
     ema = EmaUpdater(teacher, model)
-    opt = build_optimizer(
-        model,
-        model.num_layers,
-        weight_decay=0.05,
-        layer_decay=0.65,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        fused=device.type == "cuda",
-    )
+    opt = default_optimizer(model, fused=device.type == "cuda")
     layout = batch_layout(args.batch, dist.world_size, micro)
     amp = device.type == "cuda"
     step = GlobalStep(
@@ -213,15 +204,7 @@ def checkpoint_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device(args.device)
     model = _model(args.ckpt_model, device, args.classes)
     teacher = make_teacher(model)
-    opt = build_optimizer(
-        model,
-        model.num_layers,
-        weight_decay=0.05,
-        layer_decay=0.65,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        fused=False,
-    )
+    opt = default_optimizer(model, fused=False)
     model(torch.randn(2, 3, model.image_size, model.image_size, device=device)).sum().backward()
     opt.step()  # Adam moments exist, as in a real checkpoint
 

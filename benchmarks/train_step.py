@@ -53,6 +53,19 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def default_optimizer(model: MustModel, *, fused: bool) -> torch.optim.Optimizer:
+    """The engine's AdamW groups at the reference's defaults (shared by the step benchmarks)."""
+    return build_optimizer(
+        model,
+        model.num_layers,
+        weight_decay=0.05,
+        layer_decay=0.65,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        fused=fused,
+    )
+
+
 def bench(
     name: str, batch: int, device: torch.device, steps: int, warmup: int, amp: bool, classes: int
 ) -> dict[str, Any]:
@@ -64,15 +77,7 @@ def bench(
     student = MustModel(visual, F.normalize(torch.randn(d, classes), dim=0)).to(device).train()
     teacher = make_teacher(student)
     ema = EmaUpdater(teacher, student)
-    opt = build_optimizer(
-        student,
-        student.num_layers,
-        weight_decay=0.05,
-        layer_decay=0.65,
-        betas=(0.9, 0.999),
-        eps=1e-8,
-        fused=device.type == "cuda",
-    )
+    opt = default_optimizer(student, fused=device.type == "cuda")
     for g in opt.param_groups:
         g["lr"] = 1e-5 * g["lr_scale"]
     size, p = student.image_size, student.patch_size
