@@ -5,7 +5,10 @@
    memory);
 2. a full job through the real service on CUDA: ``must serve`` (embedded: SQLite, local store, Celery
    prefork worker), loader workers > 0, 2,048 generated JPEGs, random-weight ViT-B-16 (no download), one
-   epoch at batch 64. Reports the job's status, its images/s and the wall time.
+   epoch at batch 64. Reports the job's status, its images/s and the wall time;
+3. the loader feeding the GPU (``adapt()`` on CUDA, ViT-B-16 bf16, batch 64, 15 loader workers) from
+   raw JPEGs and from the prepared form, 4,096 generated 500×375 JPEGs: images/s after warm-up, and
+   the GPU's idle fraction estimated as 1 − (loader-fed images/s ÷ the bare step's images/s of 1.).
 
     python -m benchmarks.gpu_check [--out DIR]        # writes DIR/gpu_check.json (default benchmarks/results)
 """
@@ -59,12 +62,52 @@ def _step_rows(out: Path, batch: int, micro: int) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
-def _images(folder: Path, n: int) -> None:
+def _images(folder: Path, n: int, shape: tuple[int, int] = (320, 400)) -> None:
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for i in range(n):
-        arr = rng.integers(0, 255, (320, 400, 3), dtype=np.uint8)
+        arr = rng.integers(0, 255, (*shape, 3), dtype=np.uint8)
         Image.fromarray(arr).save(folder / f"{i:05d}.jpg", quality=90)
+
+
+_FED = r"""
+import json, sys, time
+from pathlib import Path
+from must_core.ml.config import BaseModelSpec, make_config
+from must_core.ml.train import adapt
+images, out, cache = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+rates = []
+cfg = make_config(batch_size=64, epochs=1, device="cuda", num_workers=15, num_threads=4,
+                  progress_every_steps=5, export_ema=False, prepare_workers=15)
+adapt(cfg, images_dir=images, class_names=[f"c{i}" for i in range(10)], output_dir=out,
+      base_model=BaseModelSpec(arch="ViT-B-16"), resume=False,
+      on_progress=lambda ev: rates.append(ev.images_per_second),
+      prepared_cache=Path(cache) if cache != "-" else None)
+print(json.dumps({"images_per_second": sum(rates[2:]) / max(1, len(rates[2:]))}))
+"""
+
+
+def _loader_fed(work: Path, bare_images_per_s: float) -> dict[str, Any]:
+    images = work / "fed-jpegs"
+    _images(images, 4096, (375, 500))
+    cache = work / "fed-cache"
+    rows: dict[str, Any] = {}
+    for label, arg in (("prepare", str(cache)), ("prepared", str(cache)), ("raw", "-")):
+        cmd = [sys.executable, "-c", _FED, str(images), str(work / f"fed-{label}"), arg]
+        t0 = time.monotonic()
+        res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=400)
+        if res.returncode:
+            rows[label] = {"error": res.stderr[-2000:]}
+            continue
+        rate = float(json.loads(res.stdout.strip().splitlines()[-1])["images_per_second"])
+        rows[label] = {
+            "images_per_second": rate,
+            "wall_s": time.monotonic() - t0,
+            "gpu_idle_fraction": max(0.0, 1 - rate / bare_images_per_s),
+        }
+    return (
+        rows  # "prepare": the first run, which prepares while it trains; "prepared": from the cache
+    )
 
 
 def _port() -> int:
@@ -154,8 +197,12 @@ def main() -> None:
     report["step_b256_accum"] = _step_rows(args.out, 256, 64)
     with tempfile.TemporaryDirectory() as tmp:
         report["job"] = _job(Path(tmp), args.job_timeout)
+    bare = max(float(row["images_per_s"]) for row in report["step_b64"]["step"])
+    with tempfile.TemporaryDirectory() as tmp:
+        report["loader_fed"] = _loader_fed(Path(tmp), bare)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
     print(json.dumps({k: v for k, v in report["job"].items() if k != "log_tail"}, indent=2))
+    print(json.dumps(report["loader_fed"], indent=2))
 
 
 if __name__ == "__main__":

@@ -208,13 +208,13 @@ class JobRunner:
         return launch, processes
 
     def _fetch_prepared(self, state: _Attempt, images: Path, cache: Path) -> Path | None:
-        """Download the cached prepared form of this dataset, if any (keyed by its content)."""
+        """Download the cached prepared form of this dataset, if any (keyed by its files' identity)."""
         if not self.settings.worker.prepare_dataset:
             return None
-        from must_core.ml.prepared import content_key  # numpy + PIL only
+        from must_core.ml.prepared import dataset_key  # numpy + PIL only
 
         t0 = time.monotonic()
-        state.prepared_key = content_key(images, workers=self.settings.worker_threads * 2)
+        state.prepared_key = dataset_key(images)
         prefix = prepared_prefix(str(state.tenant_id), state.prepared_key)
         keys = self.store.list_keys(prefix)
         for key in keys:

@@ -12,6 +12,7 @@ import shutil
 import socket
 import stat
 import tarfile
+import time
 import urllib.error
 import urllib.request
 import zipfile
@@ -103,6 +104,12 @@ def fetch_file(uri: str, dest: Path, policy: DatasetSettings, s3_client: S3Clien
     return dest
 
 
+def _keep_mtime(path: Path, mtime: float) -> None:
+    """Give a fetched file its source's modification time: the prepared-dataset cache keys on it
+    (:func:`must_core.ml.prepared.dataset_key`), so the same objects fetched again match."""
+    os.utime(path, (mtime, mtime))
+
+
 # ---- file:// ------------------------------------------------------------------------------------
 def _stage_local(
     parsed: ParsedUri, dest: Path, policy: DatasetSettings, should_stop: StopCheck = _never
@@ -146,7 +153,7 @@ def _fetch_s3_prefix(
 ) -> Path:
     from botocore.exceptions import BotoCoreError, ClientError
 
-    objects: list[tuple[str, int]] = []
+    objects: list[tuple[str, int, float]] = []
     total = 0
     try:
         pages = client.get_paginator("list_objects_v2").paginate(
@@ -157,7 +164,9 @@ def _fetch_s3_prefix(
                 key = obj["Key"]
                 if key.endswith("/") or PurePosixPath(key).suffix.lower() not in IMAGE_SUFFIXES:
                     continue
-                objects.append((key, int(obj.get("Size", 0))))
+                modified = obj.get("LastModified")
+                mtime = modified.timestamp() if modified is not None else 0.0
+                objects.append((key, int(obj.get("Size", 0)), mtime))
                 total += int(obj.get("Size", 0))
                 if len(objects) > policy.max_files:
                     raise DatasetTooLargeError(
@@ -167,7 +176,7 @@ def _fetch_s3_prefix(
                     raise DatasetTooLargeError(
                         f"{parsed.raw} holds more than {policy.max_download_bytes} bytes"
                     )
-        for key, _size in objects:
+        for key, _size, mtime in objects:
             _check(should_stop)
             rel = _safe_relative(key[len(parsed.key) :])
             if rel is None:
@@ -176,6 +185,7 @@ def _fetch_s3_prefix(
             target = dest / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(parsed.bucket, key, str(target))
+            _keep_mtime(target, mtime)
     except (BotoCoreError, ClientError) as exc:
         from must_core.storage.base import TransientStorageError
         from must_core.storage.s3 import translate
@@ -355,6 +365,7 @@ def _extract_zip(archive: Path, dest: Path, policy: DatasetSettings, packed: int
             target.parent.mkdir(parents=True, exist_ok=True)
             with zf.open(info) as src:
                 _copy_capped(src, target, budget, policy)
+            _keep_mtime(target, time.mktime((*info.date_time, 0, 0, -1)))
 
 
 def _extract_tar(archive: Path, dest: Path, policy: DatasetSettings, packed: int) -> None:
@@ -384,3 +395,4 @@ def _extract_tar(archive: Path, dest: Path, policy: DatasetSettings, packed: int
                 continue
             with src:
                 _copy_capped(src, target, budget, policy)
+            _keep_mtime(target, m.mtime)

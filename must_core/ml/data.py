@@ -102,10 +102,13 @@ def strong_transform(
     return tf  # type: ignore[no-any-return]
 
 
-class EpochSampler(Sampler[int]):
+SampleKey = tuple[int, int]  # (epoch, index): the dataset seeds each sample's augmentation by it
+
+
+class EpochSampler(Sampler[SampleKey]):
     """Shuffled, drop-last order that is a pure function of (seed, epoch): resumable mid-epoch.
 
-    Yields ``epoch * n + index`` so the dataset knows the epoch for per-sample seeding, which keeps
+    Yields ``(epoch, index)`` so the dataset knows the epoch for per-sample seeding, which keeps
     augmentation and masks reproducible whatever the number of loader workers or ranks. With
     ``world_size`` ranks each global batch of ``batch_size`` is cut into equal contiguous shards and rank
     ``r`` yields shard ``r``: together the ranks see exactly the batches one process would.
@@ -138,20 +141,98 @@ class EpochSampler(Sampler[int]):
         return self.batch_size // self.world_size
 
     def order(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=g)[: self.steps_per_epoch * self.batch_size]
+        return _permutation(self.n, self.seed, epoch)[: self.steps_per_epoch * self.batch_size]
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[SampleKey]:
         lo = self.rank * self.shard
         for epoch in range(self.start_epoch, self.epochs):
             batches = self.order(epoch).view(self.steps_per_epoch, self.batch_size)
             first = self.start_step if epoch == self.start_epoch else 0
             for idx in batches[first:, lo : lo + self.shard].reshape(-1).tolist():
-                yield epoch * self.n + idx
+                yield epoch, idx
 
     def __len__(self) -> int:
         total = (self.epochs - self.start_epoch) * self.steps_per_epoch - self.start_step
         return max(0, total * self.shard)
+
+
+class GrowingSource(Protocol):
+    """Images that may still be arriving (a prepared dataset while its pass runs)."""
+
+    def __len__(self) -> int: ...
+
+    def wait_for(self, count: int) -> int: ...
+
+
+def _permutation(n: int, seed: int, epoch: int, window: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch + window * 104_729)
+    return torch.randperm(n, generator=g)
+
+
+class PreparedOrderSampler(Sampler[SampleKey]):
+    """The order for a prepared dataset, which may still be being prepared when training starts.
+
+    Epoch 0 reads the images in preparation order (itself a fixed random permutation of the files,
+    :func:`must_core.ml.prepared.preparation_order`), shuffled by ``seed`` within windows of
+    ``window`` images, waiting for a window until it is prepared; later epochs are full permutations.
+    Samples form one stream across epochs, cut into global batches of ``batch_size``: step ``s`` is
+    positions ``[s·B, (s+1)·B)`` whatever the epoch lengths, so a run resumes exactly at its step.
+    With ``world_size`` ranks, rank ``r`` yields the ``r``-th contiguous shard of each global batch.
+    """
+
+    def __init__(
+        self,
+        source: GrowingSource,
+        batch_size: int,
+        seed: int,
+        start_step: int,
+        total_steps: int,
+        *,
+        window: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch {batch_size} does not split into {world_size} shards")
+        self.source, self.batch_size, self.seed, self.window = source, batch_size, seed, window
+        self.start_step, self.total_steps = start_step, total_steps
+        self.rank, self.world_size = rank, world_size
+
+    @property
+    def shard(self) -> int:
+        return self.batch_size // self.world_size
+
+    def _first_epoch(self) -> Iterator[int]:
+        lo, w = 0, 0
+        while True:
+            have = self.source.wait_for(lo + self.window)
+            hi = min(lo + self.window, have)
+            if hi <= lo:  # complete: every prepared image has been read
+                return
+            yield from (lo + _permutation(hi - lo, self.seed, 0, w)).tolist()
+            lo, w = hi, w + 1
+
+    def _stream(self) -> Iterator[SampleKey]:
+        yield from ((0, i) for i in self._first_epoch())
+        n = len(self.source)
+        if n == 0:
+            return
+        epoch = 1
+        while True:
+            yield from ((epoch, i) for i in _permutation(n, self.seed, epoch).tolist())
+            epoch += 1
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        lo = self.rank * self.shard
+        stream = self._stream()
+        for _ in range(self.start_step * self.batch_size):  # resume: skip the steps already taken
+            next(stream, None)
+        for _ in range(self.start_step, self.total_steps):
+            batch = [next(stream) for _ in range(self.batch_size)]
+            yield from batch[lo : lo + self.shard]
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step) * self.shard
 
 
 def to_uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -316,9 +397,8 @@ class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]])
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        n = len(self.source)
-        epoch, idx = divmod(int(key), n)
+    def __getitem__(self, key: SampleKey) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        epoch, idx = key
         img = self.source.image(idx)
         sample_seed = [self.seed, epoch, idx]
         rng = np.random.default_rng(sample_seed)

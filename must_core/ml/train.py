@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 
 from must_core.errors import (
     CheckpointError,
@@ -37,7 +37,9 @@ from must_core.ml.data import (
     EpochSampler,
     ImageSource,
     MustTrainDataset,
+    PreparedOrderSampler,
     RawImages,
+    SampleKey,
     ScanResult,
     StrongView,
     WeakView,
@@ -63,9 +65,10 @@ from must_core.ml.model import (
 )
 from must_core.ml.optim import build_optimizer, cosine_lr, scaled_lrs, set_lr
 from must_core.ml.prepared import (
+    CHUNK,
+    Preparation,
     PreparedDataset,
     open_prepared,
-    prepare_folder,
     prepared_dir,
     short_side_for,
 )
@@ -125,15 +128,19 @@ class AdaptationResult:
 def _init_mask_token(
     model: MustModel, source: list[Path] | PreparedDataset, preprocess: Preprocess
 ) -> None:
-    """Mask token := mean patch embedding of up to 256 evenly spaced unlabeled images (eval view).
+    """Mask token := mean patch embedding of up to 256 unlabeled images (eval view): evenly spaced
+    files, or the first prepared images (preparation order is random, and they are ready first).
 
     Files that fail to decode are skipped here (the loader counts and reports them later); with no
     decodable file the random init stays.
     """
     tf = eval_transform(preprocess)
-    stride = max(1, len(source) // 256)
+    if isinstance(source, PreparedDataset):
+        picks = range(min(256, source.wait_for(256)))
+    else:
+        picks = range(0, len(source), max(1, len(source) // 256))[:256]
     xs = []
-    for i in range(0, len(source), stride)[:256]:
+    for i in picks:
         try:
             img = source.load(i) if isinstance(source, PreparedDataset) else load_image(source[i])
             xs.append(tf(img))
@@ -230,7 +237,7 @@ class TrainRun:
     dist: DistContext
     device: torch.device
     amp_dtype: torch.dtype | None
-    scan: ScanResult
+    scan: ScanResult | None  # None while the prepared dataset is still being prepared
     layout: BatchLayout
     steps_per_epoch: int
     total_steps: int
@@ -248,6 +255,7 @@ class TrainRun:
     t_start: float
     resuming: bool
     prepared: PreparedDataset | None
+    preparation: Preparation | None  # rank 0's running preparation pass, if it started one
     data_stats: dict[str, Any]
     step: int = 0
     fair_state: torch.Tensor | None = None
@@ -263,7 +271,28 @@ class TrainRun:
 
     @property
     def n(self) -> int:
+        """Images the schedule is sized for: a prepared dataset counts every file it was given (known
+        before its pass ends, the same on a resumed attempt), a scan the decodable ones."""
+        if self.prepared is not None:
+            return self.prepared.num_candidates
+        assert self.scan is not None
         return len(self.scan.files)
+
+    def final_scan(self) -> ScanResult:
+        """The usable images and skipped files, once the preparation pass (if any) has finished."""
+        if self.preparation is not None:
+            self.preparation.join()
+            self.data_stats["prepare_seconds"] = self.preparation.seconds
+        if self.scan is None:
+            assert self.prepared is not None
+            self.prepared.wait_complete()
+            self.scan = self.prepared.scan(self.inputs.images_dir)
+        return self.scan
+
+    def stop_preparation(self) -> None:
+        """A stopped or failed run does not wait for the pass: its folder stays incomplete."""
+        if self.preparation is not None:
+            self.preparation.cancel()
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         return _autocast(self.device, self.amp_dtype)
@@ -364,6 +393,9 @@ def adapt(
         evaluate_zero_shot(run)
         stopped = train_steps(run, hooks)
         return finalize(run, stopped)
+    except BaseException:
+        run.stop_preparation()
+        raise
     finally:
         run.checkpointer.close()
 
@@ -377,11 +409,28 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
     if dist.is_main:
         inputs.output_dir.mkdir(parents=True, exist_ok=True)
     # The data first: an empty or undecodable dataset fails before any model is built.
-    image_size = base_image_size(inputs.base_model)
-    scan, prepared, data_stats = _scan_or_prepare(cfg, inputs, dist, image_size)
-    require_images(scan, inputs.images_dir)
-    cfg, layout = _fit_batch(cfg, len(scan.files), dist.world_size)
-    steps_per_epoch = len(scan.files) // layout.global_batch
+    data = _open_data(cfg, inputs, dist, base_image_size(inputs.base_model))
+    try:
+        return _build_run(cfg, inputs, dist, hooks, data, device, t_start)
+    except BaseException:
+        if data.preparation is not None:
+            data.preparation.cancel()
+        raise
+
+
+def _build_run(
+    cfg: MustConfig,
+    inputs: RunInputs,
+    dist: DistContext,
+    hooks: RunHooks,
+    data: RunData,
+    device: torch.device,
+    t_start: float,
+) -> TrainRun:
+    """Size the schedule; build student, teacher and optimizer at the zero-shot init."""
+    n = data.prepared.num_candidates if data.prepared is not None else len(data.files())
+    cfg, layout = _fit_batch(cfg, n, dist.world_size)
+    steps_per_epoch = n // layout.global_batch
     total_steps = max(cfg.epochs * steps_per_epoch, cfg.min_steps)
 
     # Seed first: random-weight bases (tests, benchmarks) and the mask-token init are then reproducible.
@@ -398,7 +447,7 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
     resuming = _resuming(inputs, dist, device)
     # A resumed run loads the trained token from the checkpoint: no need to decode images for it.
     if cfg.mask_token_init == "data_mean" and cfg.mask_ratio > 0 and not resuming:  # noqa: S105
-        _init_mask_token(model, prepared or scan.files, preprocess)
+        _init_mask_token(model, data.prepared or data.files(), preprocess)
     masks = MaskGenerator(
         model.image_size,
         resolve_mask_patch_size(model, cfg.mask_patch_size),
@@ -423,7 +472,7 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
         "class_names": inputs.class_names,
         "templates": inputs.templates,
         "base_model": inputs.base_model.model_dump(),
-        "num_images": len(scan.files),
+        "num_images": n,
     }
     return TrainRun(
         cfg=cfg,
@@ -431,7 +480,7 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
         dist=dist,
         device=device,
         amp_dtype=autocast_dtype(cfg, device),
-        scan=scan,
+        scan=data.scan,
         layout=layout,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
@@ -452,38 +501,61 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
         ),
         t_start=t_start,
         resuming=resuming,
-        prepared=prepared,
-        data_stats=data_stats,
+        prepared=data.prepared,
+        preparation=data.preparation,
+        data_stats=data.stats,
     )
 
 
-def _scan_or_prepare(
+@dataclass
+class RunData:
+    """The training images: a scan of the raw files, or a prepared dataset (perhaps still growing)."""
+
+    scan: ScanResult | None
+    prepared: PreparedDataset | None
+    preparation: Preparation | None
+    stats: dict[str, Any]
+
+    def files(self) -> list[Path]:
+        assert self.scan is not None
+        return self.scan.files
+
+
+def _open_data(
     cfg: MustConfig, inputs: RunInputs, dist: DistContext, image_size: int | None
-) -> tuple[ScanResult, PreparedDataset | None, dict[str, Any]]:
-    """The usable images: a prepared dataset (reused, or built now by rank 0) or a plain scan."""
+) -> RunData:
+    """A plain scan without a cache; else the prepared dataset, reused from the cache or prepared now
+    by rank 0 in the background: training starts once the first images are ready."""
     cache = inputs.prepared_cache
     if cache is None or image_size is None:
         scan = scan_images(inputs.images_dir)
-        return scan, None, {"prepared": False}
+        require_images(scan, inputs.images_dir)
+        return RunData(scan, None, None, {"prepared": False})
     folder = prepared_dir(cache, short_side_for(image_size))
     t0 = time.monotonic()
-    found = open_prepared(folder)
-    reused = found is not None
-    if found is None and dist.is_main:
+    prepared = open_prepared(folder)
+    preparation = None
+    if prepared is None and dist.is_main:
         workers = cfg.prepare_workers or os.cpu_count() or 1
         _logger.info("preparing the dataset (%d processes) into %s", workers, folder)
-        found = prepare_folder(inputs.images_dir, folder, short_side_for(image_size), workers)
-    dist.barrier()  # the other ranks open what rank 0 built (a shared folder on one node)
-    prepared = found or open_prepared(folder)
-    if prepared is None:
-        raise DatasetError(f"the prepared dataset {folder} is missing on rank {dist.rank}")
-    stats = {
-        "prepared": True,
-        "short_side": prepared.short_side,
-        "reused": reused,
-        "prepare_seconds": round(time.monotonic() - t0, 3),
-    }
-    return prepared.scan(inputs.images_dir), prepared, stats
+        preparation = Preparation(inputs.images_dir, folder, short_side_for(image_size), workers)
+    dist.barrier()  # the other ranks read what rank 0 writes (a shared folder on one node)
+    reused = prepared is not None
+    stats: dict[str, Any] = {"prepared": True, "reused": reused, "prepare_seconds": 0.0}
+    try:
+        prepared = prepared or open_prepared(folder, partial=True)
+        if prepared is None:
+            raise DatasetError(f"the prepared dataset {folder} is missing on rank {dist.rank}")
+        if prepared.wait_for(1) == 0:  # the pass is over and nothing decoded
+            require_images(prepared.scan(inputs.images_dir), inputs.images_dir)
+    except BaseException:
+        if preparation is not None:
+            preparation.cancel()
+        raise
+    stats["short_side"] = prepared.short_side
+    stats["first_images_seconds"] = round(time.monotonic() - t0, 3)
+    done = prepared.scan(inputs.images_dir) if prepared.complete else None
+    return RunData(done, prepared, preparation, stats)
 
 
 def _resuming(inputs: RunInputs, dist: DistContext, device: torch.device) -> bool:
@@ -579,20 +651,33 @@ def _evaluate(run: TrainRun, net: torch.nn.Module) -> dict[str, Any]:
 # ---- phase 3: train steps ---------------------------------------------------------------------------
 def _make_loader(run: TrainRun) -> DataLoader[Any]:
     cfg = run.cfg
-    start_epoch, start_in_epoch = divmod(run.step, run.steps_per_epoch)
-    sampler = EpochSampler(
-        run.n,
-        run.layout.global_batch,
-        cfg.seed,
-        start_epoch,
-        start_in_epoch,
-        run.epochs,
-        rank=run.dist.rank,
-        world_size=run.dist.world_size,
-    )
-    source: ImageSource = run.prepared or RawImages(
-        run.scan.files, draft_size=run.preprocess.image_size * 2
-    )
+    sampler: Sampler[SampleKey]
+    source: ImageSource
+    if run.prepared is not None:
+        source = run.prepared
+        sampler = PreparedOrderSampler(
+            run.prepared,
+            run.layout.global_batch,
+            cfg.seed,
+            run.step,
+            run.total_steps,
+            window=CHUNK,
+            rank=run.dist.rank,
+            world_size=run.dist.world_size,
+        )
+    else:
+        source = RawImages(run.final_scan().files, draft_size=run.preprocess.image_size * 2)
+        start_epoch, start_in_epoch = divmod(run.step, run.steps_per_epoch)
+        sampler = EpochSampler(
+            run.n,
+            run.layout.global_batch,
+            cfg.seed,
+            start_epoch,
+            start_in_epoch,
+            run.epochs,
+            rank=run.dist.rank,
+            world_size=run.dist.world_size,
+        )
     dataset = MustTrainDataset(
         source,
         WeakView(run.preprocess.image_size),
@@ -751,6 +836,7 @@ class _IntervalMeter:
 def finalize(run: TrainRun, stopped: bool) -> AdaptationResult:
     """Stopped: save and return. Completed: final eval, last checkpoint, exports (rank 0)."""
     if stopped:
+        run.stop_preparation()
         run.save(wait=True)
         _logger.info(
             "stopped at step %d/%d; checkpoint %s", run.step, run.total_steps, run.ckpt_path
@@ -761,8 +847,9 @@ def finalize(run: TrainRun, stopped: bool) -> AdaptationResult:
         for name, net in (("adapted", run.model), ("adapted_ema", run.teacher)):
             run.metrics[name] = _evaluate(run, net)
     run.metrics["total_steps"] = run.total_steps
-    run.metrics["num_images"] = run.n
-    run.metrics["num_skipped"] = run.scan.num_skipped
+    scan = run.final_scan()
+    run.metrics["num_images"] = len(scan.files)
+    run.metrics["num_skipped"] = scan.num_skipped
     run.metrics["dataset_cache"] = run.data_stats
     run.metrics["train_seconds"] = time.monotonic() - run.t_start
     run.save(wait=True)
@@ -807,6 +894,7 @@ def _export(run: TrainRun) -> dict[str, Path]:
 def _result(
     run: TrainRun, status: Literal["completed", "stopped"], paths: dict[str, Path]
 ) -> AdaptationResult:
+    scan = run.scan or ScanResult([])  # a stopped run may not have finished preparing its data
     return AdaptationResult(
         status=status,
         step=run.step,
@@ -815,9 +903,9 @@ def _result(
         checkpoint_path=run.ckpt_path,
         model_path=paths.get("student"),
         ema_model_path=paths.get("ema"),
-        num_images=run.n,
-        num_skipped=run.scan.num_skipped,
-        skipped=run.scan.skipped,
+        num_images=len(scan.files),
+        num_skipped=scan.num_skipped,
+        skipped=scan.skipped,
         metrics=run.metrics,
         history=run.history,
         resumed_from_step=run.resumed_from_step,

@@ -180,4 +180,4 @@ def test_second_job_on_the_same_data_reuses_the_prepared_dataset(
     assert jobs[1]["dataset"]["num_skipped"] == 1 and jobs[1]["dataset"]["num_images"] == 12
     listed = s3["client"].list_objects_v2(Bucket=s3["bucket"], Prefix="prepared/")["Contents"]
     keys = {o["Key"].rsplit("/", 1)[-1] for o in listed if first["key"] in o["Key"]}
-    assert {"meta.json", "index.npy", "pixels-0.u8"} <= keys
+    assert {"plan.json", "chunk-0.json", "pixels-0.u8", "meta.json"} <= keys
