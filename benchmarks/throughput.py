@@ -8,7 +8,7 @@
    - ``raw``: today's loader from the raw JPEGs (uint8 views, normalised later on the device);
    - ``prepared``: today's loader from the prepared form (decoded once, 258 px shorter side).
 2. ``startup_s``: process start to the end of the first optimizer step on N generated JPEGs (tiny
-   model, 64 px), ``before`` = the engine at commit 86ad811 (a git worktree, run in a subprocess) and
+   model, 32 px), ``before`` = the engine at commit 86ad811 (a git worktree, run in a subprocess) and
    ``after`` = today with an empty prepared-dataset cache (the service's dataset key included; the
    first step runs as soon as the first chunk is prepared, the pass goes on in the background);
    ``after_cached`` = today when the cache holds the dataset.
@@ -227,7 +227,7 @@ def startup(sizes: list[int], before_tree: Path, work: Path) -> dict[str, dict[s
         shutil.rmtree(cache, ignore_errors=True)
         before = _startup(before_tree, images, work, None)
         after = _startup(REPO, images, work, cache)  # stops after step 1: the pass is cut short
-        side = short_side_for(64)  # complete the pass, as a job that trains on does
+        side = short_side_for(32)  # complete the pass (32 px tiny model), as a job training on does
         prepare_folder(images, prepared_dir(cache, side), side, os.cpu_count() or 1)
         cached = _startup(REPO, images, work, cache)
         label = f"{n // 1000}k"

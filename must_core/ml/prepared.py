@@ -280,9 +280,10 @@ def dataset_key(source: Path) -> str:
     fetch of the same objects gives the same key and a rewritten object a new one.
     """
     h = hashlib.sha256(FORMAT.encode())
-    for path in list_candidate_files(source):
-        st = path.stat()  # follows a staged link to the file itself
-        h.update(f"{path.relative_to(source)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    prefix = len(str(source).rstrip(os.sep)) + 1
+    for path in map(str, list_candidate_files(source)):
+        st = os.stat(path)  # follows a staged link to the file itself
+        h.update(f"{path[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]
 
 
