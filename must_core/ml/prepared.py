@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from must_core.errors import DatasetError
-from must_core.ml.images import ScanResult, decode_reason, list_candidate_files, load_image
+from must_core.ml.images import ScanResult, candidate_paths, decode_reason, load_image
 
 FORMAT = "must-prepared/2"
 PLAN_FILE = "plan.json"
@@ -62,9 +62,9 @@ def prepared_dir(cache_root: Path, short_side: int) -> Path:
     return cache_root / f"s{short_side}"
 
 
-def preparation_order(source: Path) -> list[Path]:
+def preparation_order(source: Path) -> list[str]:
     """The candidate files in a fixed pseudo-random order: every chunk is a uniform sample of them."""
-    files = list_candidate_files(source)
+    files = candidate_paths(source)
     perm = np.random.default_rng(ORDER_SEED).permutation(len(files))
     return [files[i] for i in perm]
 
@@ -210,7 +210,7 @@ class Preparation:
         folder.mkdir(parents=True, exist_ok=True)
         for stale in folder.iterdir():  # an earlier attempt's partial pass
             stale.unlink()
-        order = [str(p) for p in preparation_order(source)]
+        order = preparation_order(source)
         self.folder, self.short_side = folder, short_side
         self.tasks = [
             (order[i : i + CHUNK], str(source), str(folder), k, short_side)
@@ -281,7 +281,7 @@ def dataset_key(source: Path) -> str:
     """
     h = hashlib.sha256(FORMAT.encode())
     prefix = len(str(source).rstrip(os.sep)) + 1
-    for path in map(str, list_candidate_files(source)):
+    for path in candidate_paths(source):
         st = os.stat(path)  # follows a staged link to the file itself
         h.update(f"{path[prefix:]}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:32]

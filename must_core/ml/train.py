@@ -237,7 +237,7 @@ class TrainRun:
     dist: DistContext
     device: torch.device
     amp_dtype: torch.dtype | None
-    scan: ScanResult | None  # None while the prepared dataset is still being prepared
+    scan: ScanResult | None  # a prepared dataset: None until final_scan() (after its pass)
     layout: BatchLayout
     steps_per_epoch: int
     total_steps: int
@@ -554,8 +554,7 @@ def _open_data(
         raise
     stats["short_side"] = prepared.short_side
     stats["first_images_seconds"] = round(time.monotonic() - t0, 3)
-    done = prepared.scan(inputs.images_dir) if prepared.complete else None
-    return RunData(done, prepared, preparation, stats)
+    return RunData(None, prepared, preparation, stats)  # the file list is built at the end
 
 
 def _resuming(inputs: RunInputs, dist: DistContext, device: torch.device) -> bool:
