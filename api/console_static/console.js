@@ -352,7 +352,7 @@ async function classifyPage(params) {
     const cell = (title, r) => r.status === "fulfilled" ? topTable(title, r.value.results[0])
       : h("div", { class: "card" }, h("h2", {}, title), errorBox(r.reason));
     out.replaceChildren(h("div", { class: "cards" },
-      h("div", { class: "card" }, h("img", { src: URL.createObjectURL(blob), style: "max-width:200px" })),
+      h("div", { class: "card" }, h("img", { src: URL.createObjectURL(blob), alt: "your image", style: "width:160px;image-rendering:pixelated" })),
       cell("Adapted", ad), cell("Zero-shot", zs)));
   }
   file.addEventListener("change", () => file.files[0] && run(file.files[0]));
