@@ -139,7 +139,7 @@ def measure(base: str, job_id: str, points: int, repeats: int) -> list[dict[str,
             context = browser.new_context(viewport={"width": 1280, "height": 900})
             page = context.new_page()
             responses: list[Any] = []
-            page.on("response", lambda r: responses.append(r))
+            page.on("response", lambda r, got=responses: got.append(r))
             t0 = time.perf_counter()
             page.goto(f"{base}/ui/#/job/{job_id}")
             page.wait_for_function(ready, timeout=120_000, polling=20)
