@@ -224,11 +224,11 @@ class JobHistory(BaseModel):
 
 class LogLine(BaseModel):
     id: int = Field(..., description="increasing: pass the last one as `after` to follow the log")
-    attempt: int = Field(..., examples=[1])
+    attempt: int = Field(..., description="the attempt (worker claim) that wrote it", examples=[1])
     ts: datetime
-    level: str = Field(..., examples=["info"])
-    logger: str = Field(..., examples=["worker.runner"])
-    message: str = Field(..., examples=["claimed job (attempt 1, worker host:42)"])
+    level: str = Field(..., description="debug | info | warning | error", examples=["info"])
+    logger: str = Field(..., description="the logger that wrote it", examples=["worker.runner"])
+    message: str = Field(..., description="the line", examples=["claimed job (attempt 1)"])
 
 
 class LogPage(BaseModel):
@@ -240,8 +240,12 @@ class LogPage(BaseModel):
 
 
 class Sample(BaseModel):
-    class_name: str = Field(..., examples=["cat"])
-    rank: int = Field(..., description="0: the adapted model's most confident image of the class")
+    class_name: str = Field(..., description="the predicted class", examples=["cat"])
+    rank: int = Field(
+        ...,
+        description="0: the adapted model's most confident image of the class",
+        examples=[0],
+    )
     path: str = Field(..., description="the image's path inside the dataset", examples=["a/1.jpg"])
     score: float = Field(..., description="softmax probability of the class", examples=[0.93])
     thumbnail: str = Field(..., description="a small JPEG as a data: URI")
