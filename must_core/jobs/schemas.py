@@ -29,9 +29,10 @@ class BaseModelRequest(BaseModel):
 
 
 class JobParams(BaseModel):
-    """Hyperparameters (a preset plus overrides); validated by the engine's ``make_config``."""
+    """Hyperparameters (a preset plus overrides); validated by the engine's ``make_config``.
+    Strict: ``true`` is not an epoch count and ``"10"`` not a number."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     preset: str | None = Field(None, max_length=100)
     epochs: int | None = Field(None, ge=1, le=10_000)
