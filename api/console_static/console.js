@@ -272,14 +272,8 @@ function jobPage(id) {
         }
       } catch (e) { charts.replaceChildren(errorBox(e)); }
     }
-    if (live || after_final_once(job)) await logs.tick();
+    await logs.tick();  // cheap with `after`; an attempt's last lines may follow its status
   });
-}
-const _ticked = new Set();
-function after_final_once(job) {  // one more log read once the job has ended
-  if (_ticked.has(job.id)) return false;
-  _ticked.add(job.id);
-  return true;
 }
 
 // ---- submit -------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from tests.integration.conftest import job_body
-from tests.integration.helpers import Proc, make_images, start_worker, wait_job
+from tests.integration.helpers import Proc, make_images, start_worker, wait_for, wait_job
 
 pytestmark = pytest.mark.integration
 CLASSES = ["red", "green", "blue"]
@@ -66,6 +66,12 @@ def test_per_class_metrics_use_class_names(finished: dict[str, Any]) -> None:
 
 def test_logs_all_lines_paged_and_tailed(finished: dict[str, Any], client_a: httpx.Client) -> None:
     jid = finished["id"]
+
+    def ended() -> bool:  # the attempt's last lines are written just after its status
+        tail = client_a.get(f"/v1/jobs/{jid}/logs", params={"tail": True, "limit": 5}).json()
+        return any("job succeeded" in line["message"] for line in tail["items"])
+
+    wait_for(ended, 30, 0.2, what="the attempt's last log line")
     first = client_a.get(f"/v1/jobs/{jid}/logs", params={"limit": 3}).json()
     assert len(first["items"]) == 3 and first["total"] > 3
     assert "claimed job (attempt 1" in first["items"][0]["message"]
