@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from must_core.db.session import session_scope
 from must_core.jobs import history
+from must_core.logging import current_context
 
 MAX_MESSAGE = 4000
 
@@ -46,10 +47,10 @@ class JobLogCapture(logging.Handler):
         self.flush()
 
     def emit(self, record: logging.LogRecord) -> None:
-        ctx = getattr(record, "ctx", None) or {}
-        if ctx.get("job_id") not in (None, str(self.job_id)):
+        bound = current_context().get("job_id")  # emit runs in the thread that logged
+        if bound not in (None, str(self.job_id)):
             return
-        if record.name.startswith(("sqlalchemy", "celery", "kombu", "amqp")):
+        if (record.name or "").startswith(("sqlalchemy", "celery", "kombu", "amqp")):
             return
         with self._lock:
             if self._kept >= self.max_lines:
