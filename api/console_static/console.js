@@ -242,6 +242,7 @@ function jobPage(id) {
   const logs = logsPanel({ id });
   view.replaceChildren(h("h1", {}, "Job ", h("code", {}, id)), head, charts, results, logs.el);
   let finalRendered = false;
+  const curve = [];  // points so far: a running job is polled for the new ones only
   every(3000, async () => {
     let job;
     try { job = await api("/v1/jobs/" + id); } catch (e) { head.replaceChildren(errorBox(e)); return; }
@@ -263,8 +264,10 @@ function jobPage(id) {
       job.error ? h("tr", {}, h("th", {}, "error"), h("td", { class: "err" }, `${job.error.code}: ${job.error.message}`)) : null)));
     if (!finalRendered) {
       try {
-        const hist = await api(`/v1/jobs/${id}/history`);
-        charts.replaceChildren(h("h2", {}, `Training curves (${hist.points.length} points)`), curves(hist.points));
+        const since = curve.length ? `?after_step=${curve[curve.length - 1].step}` : "";
+        const hist = await api(`/v1/jobs/${id}/history${since}`);
+        curve.push(...hist.points);
+        charts.replaceChildren(h("h2", {}, `Training curves (${curve.length} points)`), curves(curve));
         if (!live) {
           results.replaceChildren(...[evalTable(job), histogram(hist.predicted_classes),
             gallery(job, hist.predicted_classes)].filter(Boolean));

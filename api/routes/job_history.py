@@ -20,16 +20,28 @@ _404: dict[int | str, dict[str, Any]] = {404: {"description": "No such job for t
 
 
 @router.get("/{job_id}/history", response_model=JobHistory, responses=_404)
-def job_history(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> JobHistory:
+def job_history(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    tenant: TenantDep,
+    after_step: int | None = Query(
+        None,
+        ge=0,
+        le=INT64_MAX,
+        description="only points (and health intervals) after this step: poll a running job "
+        "with the last step you have",
+    ),
+) -> JobHistory:
     """The training curve (every progress event the trainer reported, also after the job ended),
     the label-free health intervals when the engine reports them, and the predicted-class
     histograms before and after adaptation (once the job has them)."""
     job = queries.get_job(session, tenant, job_id)
+    points = history.events(session, job.id, PROGRESS, after_step)
     return JobHistory(
         job_id=job.id,
         status=JobStatus(job.status),
-        points=[HistoryPoint.model_validate(e) for e in history.events(session, job.id, PROGRESS)],
-        health=history.events(session, job.id, HEALTH),
+        points=[HistoryPoint.model_validate(e) for e in points],
+        health=history.events(session, job.id, HEALTH, after_step),
         predicted_classes=(job.metrics or {}).get("predicted_classes"),
     )
 

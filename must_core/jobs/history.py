@@ -49,13 +49,14 @@ def record_events(
     return True
 
 
-def events(session: Session, job_id: uuid.UUID, kind: str) -> list[dict[str, Any]]:
-    """Every stored event of one kind, by step."""
-    rows = session.scalars(
-        select(JobEvent.data)
-        .where(JobEvent.job_id == job_id, JobEvent.kind == kind)
-        .order_by(JobEvent.step)
-    )
+def events(
+    session: Session, job_id: uuid.UUID, kind: str, after_step: int | None = None
+) -> list[dict[str, Any]]:
+    """Every stored event of one kind (after ``after_step``, when given), by step."""
+    where = [JobEvent.job_id == job_id, JobEvent.kind == kind]
+    if after_step is not None:
+        where.append(JobEvent.step > after_step)
+    rows = session.scalars(select(JobEvent.data).where(*where).order_by(JobEvent.step))
     return [dict(r) for r in rows]
 
 

@@ -53,6 +53,8 @@ def test_history_has_every_progress_point(
         assert 0.0 <= p["conf_ratio"] <= 1.0 and p["lr"] > 0 and p["images_per_second"] > 0
         assert p["total_steps"] == STEPS and p["epoch"] >= 0
     assert h["health"] == []  # the engine reports no health intervals (yet)
+    later = client_a.get(f"/v1/jobs/{jid}/history", params={"after_step": 9}).json()
+    assert [p["step"] for p in later["points"]] == [10, 11, 12]
     pc = h["predicted_classes"]
     assert pc["num_images"] == 12
     assert sum(pc["zero_shot"].values()) == sum(pc["adapted"].values()) == 12
