@@ -16,6 +16,7 @@ from must_core.jobs.schemas import HistoryPoint, JobHistory, LogLine, LogPage, S
 from must_core.jobs.states import JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+INT32_MAX = 2**31 - 1
 _404: dict[int | str, dict[str, Any]] = {404: {"description": "No such job for this tenant"}}
 
 
@@ -27,7 +28,7 @@ def job_history(
     after_step: int | None = Query(
         None,
         ge=0,
-        le=INT64_MAX,
+        le=INT32_MAX,  # steps are 32-bit integer columns
         description="only points (and health intervals) after this step: poll a running job "
         "with the last step you have",
     ),

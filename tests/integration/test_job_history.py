@@ -55,6 +55,8 @@ def test_history_has_every_progress_point(
     assert h["health"] == []  # the engine reports no health intervals (yet)
     later = client_a.get(f"/v1/jobs/{jid}/history", params={"after_step": 9}).json()
     assert [p["step"] for p in later["points"]] == [10, 11, 12]
+    huge = client_a.get(f"/v1/jobs/{jid}/history", params={"after_step": 2**31})
+    assert huge.status_code == 422  # steps are 32-bit: refused, not a database error
     pc = h["predicted_classes"]
     assert pc["num_images"] == 12
     assert sum(pc["zero_shot"].values()) == sum(pc["adapted"].values()) == 12
