@@ -9,12 +9,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi_offline import FastAPIOffline
 
-from api import errors, openapi
+from api import console, errors, openapi
 from api.metrics import ApiMetrics
 from api.metrics import install as install_metrics
 from api.queue import JobQueue
-from api.routes import classify, health, jobs, models
+from api.routes import classify, health, job_history, jobs, models
 from api.serving import Serving
 from must_core.db.session import make_engine, make_sessionmaker
 from must_core.jobs.broker import ensure_broker_dirs
@@ -60,12 +61,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.queue.close()
             engine.dispose()
 
-    app = FastAPI(
+    # /docs and /redoc from assets in an installed wheel: they work with no internet
+    app = FastAPIOffline(
         title="MUST adaptation service",
         version="0.1.0",
         description="Adapt CLIP zero-shot classifiers to unlabeled images (Masked Unsupervised "
-        "Self-Training). Errors are application/problem+json with a stable `code`.",
+        "Self-Training). Errors are application/problem+json with a stable `code`. "
+        "Authenticate with `Authorization: Bearer <api key>`. The web console is at `/ui/`.",
         lifespan=lifespan,
+        favicon_url="/ui/favicon.svg",
     )
     errors.install(app)
     openapi.install(app)
@@ -86,8 +90,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1")
     v1.include_router(jobs.router)
+    v1.include_router(job_history.router)
     v1.include_router(models.router)
     v1.include_router(classify.router)
     app.include_router(v1)
     app.include_router(health.router)
+    console.install(app)
     return app

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from api import schema_docs
 from api.errors import PROBLEM_JSON, STATUS
 
 PROBLEM_SCHEMA: dict[str, Any] = {
@@ -29,6 +30,14 @@ PROBLEM_SCHEMA: dict[str, Any] = {
 _PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 # JSON bodies of their own (not problems): the readiness report
 _OWN_BODIES = {("/readyz", "get", "503")}
+# parameters shared by many routes, described once
+PARAM_DOCS = {
+    "job_id": "the job's id",
+    "model_id": "the model's id (classify also takes the id of the job that produces it)",
+    "limit": "page size (capped by the server's max page size)",
+    "offset": "items to skip (newest first)",
+    "status": "only jobs with this status",
+}
 
 
 def images_body(*, zero_shot: bool = False) -> dict[str, Any]:
@@ -82,13 +91,20 @@ def problem_schema(app: FastAPI) -> dict[str, Any]:
     schema = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
-    schema.setdefault("components", {}).setdefault("schemas", {})["Problem"] = PROBLEM_SCHEMA
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Problem"] = PROBLEM_SCHEMA
+    schema_docs.apply(components)
     for path, ops in schema["paths"].items():
         for method, op in ops.items():
+            for param in op.get("parameters", []):
+                if not param.get("description") and param["name"] in PARAM_DOCS:
+                    param["description"] = PARAM_DOCS[param["name"]]
             responses = op.setdefault("responses", {})
             for code in sorted(_error_codes(path, op)):
                 if (path, method, code) not in _OWN_BODIES:
                     responses[code] = _problem(code, responses.get(code))
+    for unused in ("HTTPValidationError", "ValidationError"):  # errors are problems, not these
+        components.pop(unused, None)
     return schema
 
 

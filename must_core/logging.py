@@ -33,6 +33,11 @@ def bind(**values: Any) -> Iterator[None]:
         _context.reset(token)
 
 
+def current_context() -> dict[str, Any]:
+    """The values bound in this thread/task (what :func:`bind` adds to records)."""
+    return dict(_context.get() or {})
+
+
 class _ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.ctx = _context.get() or {}

@@ -96,6 +96,10 @@ class WorkerSettings(BaseModel):
     progress_every_steps: int = Field(10, ge=1)  # engine progress-event interval
     progress_write_interval_s: float = Field(2.0, ge=0)  # at most one progress write per interval
     heartbeat_interval_s: float = Field(10.0, gt=0)  # heartbeat + cancel-flag poll period
+    # A job's log lines (GET /v1/jobs/{id}/logs) are written to the database this often, and at
+    # most this many per attempt (the rest are counted and dropped).
+    job_log_flush_s: float = Field(2.0, gt=0)
+    job_log_max_lines: int = Field(20_000, ge=0)
     stale_after_s: float = Field(120.0, gt=0)  # running job without heartbeat this long: re-queued
     sweep_interval_s: float = Field(30.0, gt=0)  # sweeper period (runs inside each worker)
     # Outbox relay period: committed jobs whose message was never sent (broker down at submission)

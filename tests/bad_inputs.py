@@ -19,6 +19,8 @@ BAD_JOB_PATCHES: list[dict[str, Any]] = [
     {"params": {"preset": "a\x00"}},
     {"params": {"seed": 2**63}},
     {"params": {"seed": -1}},
+    {"params": {"seed": False}},  # a boolean is not a number (strict params)
+    {"params": {"epochs": "10"}},
     {"params": {"min_steps": 10**30}},
     {"params": {"lr": NAN}},
     {"params": {"k\ud800": 1}},

@@ -9,6 +9,7 @@ final commit (model row + ``succeeded``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -28,7 +29,7 @@ from must_core.datasets.fetch import FetchCancelled, fetch_dataset
 from must_core.db.models import AdaptedModel
 from must_core.db.session import session_scope
 from must_core.errors import InvalidConfigError, MustError
-from must_core.jobs import queries
+from must_core.jobs import history, queries
 from must_core.jobs.base_models import resolve_base_model
 from must_core.jobs.dispatch import job_processes
 from must_core.jobs.states import JobStatus
@@ -44,10 +45,14 @@ from must_core.storage import (
 )
 from must_core.storage.base import TransientStorageError
 from must_core.storage.factory import make_s3_client_from_settings
+from worker.joblog import JobLogCapture
 from worker.training import CheckpointUploader, TrainingProcess
 
 _logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "last.pt"  # must_core.ml.train's name for it (not imported: no torch here)
+GALLERY_FILE = "gallery.json"  # must_core.ml.gallery's
+# trainer events kept as the job's history: the training curve and label-free health intervals
+HISTORY_KINDS = frozenset({history.PROGRESS, history.HEALTH})
 
 
 class TransientJobError(Exception):
@@ -76,6 +81,7 @@ class _Attempt:
     uploaded_prepared: set[str] = field(default_factory=set)
     prepared_upload: threading.Thread | None = None
     seen_progress: bool = False  # the trainer has reported a step (it has state worth saving)
+    log: JobLogCapture | None = None
 
 
 class JobRunner:
@@ -99,9 +105,11 @@ class JobRunner:
         if attempt is None:
             _logger.info("job %s is not claimable (already claimed, finished or cancelled)", jid)
             return "skipped"
-        with bind(job_id=str(jid), attempt=attempt):
-            _logger.info("claimed job")
-            state = _Attempt(jid, attempt)
+        w = self.settings.worker
+        log = JobLogCapture(self.sessions, jid, attempt, w.job_log_max_lines)
+        with bind(job_id=str(jid), attempt=attempt), log:
+            _logger.info("claimed job (attempt %d, worker %s)", attempt, self.worker_name)
+            state = _Attempt(jid, attempt, log=log)
             beat = threading.Thread(
                 target=self._heartbeat_loop, args=(state,), daemon=True, name=f"heartbeat-{jid}"
             )
@@ -304,6 +312,11 @@ class JobRunner:
     def _relay(
         self, state: _Attempt, events: list[dict[str, Any]], uploader: CheckpointUploader
     ) -> None:
+        kept = [e for e in events if e["type"] in HISTORY_KINDS and "step" in e]
+        if kept:  # the whole curve, for GET /v1/jobs/{id}/history
+            with session_scope(self.sessions) as s:
+                if not history.record_events(s, state.job_id, state.attempt, kept):
+                    state.lost.set()
         for event in events:
             if event["type"] == "checkpoint":
                 uploader.submit(Path(event["path"]), int(event["step"]))
@@ -350,6 +363,7 @@ class JobRunner:
         metrics_file = Path(result["output_dir"]) / "metrics.json"
         if metrics_file.exists():
             self._put_patiently(metrics_file, metrics_key(state.job_id))
+        gallery = _read_gallery(Path(result["output_dir"]) / GALLERY_FILE)
         with session_scope(self.sessions) as s:
             job = queries.load_job(s, state.job_id)
             assert job is not None
@@ -371,7 +385,10 @@ class JobRunner:
                 # when the worker died between an upload and its row update)
                 "resumed_from_step": result.get("resumed_from_step"),
             }
-            if not queries.complete_job(s, job, state.attempt, model=model, values=values):
+            done = queries.complete_job(s, job, state.attempt, model=model, values=values)
+            if done:
+                s.add_all(history.sample_rows(model.id, gallery))
+            else:
                 s.rollback()
                 _logger.warning("claim lost before completion; not recording the model")
                 return "lost"
@@ -443,7 +460,14 @@ class JobRunner:
     def _heartbeat_loop(self, state: _Attempt) -> None:
         """Touch heartbeat_at and poll the cancel flag until the attempt ends."""
         interval = self.settings.worker.heartbeat_interval_s
-        while not state.done.wait(interval):
+        flush = self.settings.worker.job_log_flush_s
+        next_beat = time.monotonic() + interval
+        while not state.done.wait(min(interval, flush)):
+            if state.log is not None:
+                state.log.flush()
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + interval
             try:
                 with session_scope(self.sessions) as s:
                     owned, cancel = queries.heartbeat(s, state.job_id, state.attempt)
@@ -453,6 +477,18 @@ class JobRunner:
                     state.lost.set()
             except Exception as exc:  # a DB blip must not kill the heartbeat thread
                 _logger.warning("heartbeat failed: %s", exc)
+
+
+def _read_gallery(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """The trainer's sample gallery (class name → best-first images); empty when it made none."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        _logger.warning("sample gallery unreadable, the model gets none: %s", exc)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _stop_if(should_stop: Callable[[], bool]) -> None:

@@ -248,6 +248,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             num_classes=model.num_classes,
             device=torch.device(args.device),
             batch_size=args.batch_size,
+            class_names=model.class_names,
         )
     except MustError as exc:
         return _fail(exc)

@@ -6,7 +6,18 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from must_core.db.base import Base, JsonType, UtcDateTime, utcnow
@@ -91,3 +102,52 @@ class AdaptedModel(Base):
     ema_artifact_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class JobEvent(Base):
+    """One event a job's trainer reported: every ``progress`` point of the training curve and any
+    ``health`` interval; one row per (job, kind, step), so a resumed attempt's replayed steps
+    replace the ones it repeats."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (
+        UniqueConstraint("job_id", "kind", "step", name="uq_job_events_job_kind_step"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    step: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer)
+    data: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class JobLog(Base):
+    """One log line of a job's worker side (runner and trainer), in the order written."""
+
+    __tablename__ = "job_logs"
+    __table_args__ = (Index("ix_job_logs_job_id_id", "job_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    attempt: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(16))
+    logger: Mapped[str] = mapped_column(String(200))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class ModelSample(Base):
+    """A dataset image the adapted model assigns to a class: the sample gallery of a model."""
+
+    __tablename__ = "model_samples"
+    __table_args__ = (Index("ix_model_samples_model_class_rank", "model_id", "class_name", "rank"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    model_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("adapted_models.id", ondelete="CASCADE"))
+    class_name: Mapped[str] = mapped_column(String(200))
+    rank: Mapped[int] = mapped_column(Integer)  # 0: the most confident
+    path: Mapped[str] = mapped_column(Text)  # relative to the dataset root
+    score: Mapped[float] = mapped_column(Float)
+    thumbnail: Mapped[str] = mapped_column(Text)  # data:image/jpeg;base64,...

@@ -29,9 +29,10 @@ class BaseModelRequest(BaseModel):
 
 
 class JobParams(BaseModel):
-    """Hyperparameters (a preset plus overrides); validated by the engine's ``make_config``."""
+    """Hyperparameters (a preset plus overrides); validated by the engine's ``make_config``.
+    Strict: ``true`` is not an epoch count and ``"10"`` not a number."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     preset: str | None = Field(None, max_length=100)
     epochs: int | None = Field(None, ge=1, le=10_000)
@@ -116,6 +117,8 @@ class JobMetrics(_Schema):
     )
     # the prepared-dataset cache: {"prepared", "key" (content key), "reused", "prepare_seconds", ...}
     dataset_cache: dict[str, Any] | None = None
+    # label-free spot check: {"num_images", "zero_shot", "adapted", "adapted_ema"} → {class: count}
+    predicted_classes: dict[str, Any] | None = None
 
 
 class DatasetStats(_Schema):
@@ -176,3 +179,84 @@ class ModelList(BaseModel):
 
 
 StatusFilter = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class HistoryPoint(BaseModel):
+    """One progress event of the trainer: the losses and rates averaged over its interval."""
+
+    model_config = ConfigDict(extra="allow")
+
+    step: int = Field(..., description="optimizer steps done", examples=[40])
+    total_steps: int | None = Field(None, examples=[400])
+    epoch: int | None = Field(None, description="0-based epoch of the last step", examples=[1])
+    fraction: float | None = Field(None, examples=[0.1])
+    losses: dict[str, float] = Field(
+        default_factory=dict,
+        description="mean over the interval: loss (total), st (self-training), fair, mim, align",
+        examples=[{"loss": 2.1, "st": 1.2, "fair": 0.3, "mim": 0.5, "align": 0.1}],
+    )
+    conf_ratio: float | None = Field(
+        None, description="share of pseudo-labels over the confidence threshold", examples=[0.62]
+    )
+    lr: float | None = Field(None, description="head learning rate at the last step")
+    ema_decay: float | None = Field(None, description="teacher EMA decay at the last step")
+    images_per_second: float | None = Field(None, examples=[130.5])
+    eta_seconds: float | None = Field(None, examples=[240.0])
+    phase: str | None = Field(None, examples=["train"])
+
+
+class JobHistory(BaseModel):
+    job_id: uuid.UUID
+    status: JobStatus
+    points: list[HistoryPoint] = Field(
+        ..., description="the training curve: every progress event, by step"
+    )
+    health: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="label-free run-health intervals reported by the trainer, by step (empty "
+        "when the engine reports none)",
+    )
+    predicted_classes: dict[str, Any] | None = Field(
+        None,
+        description="images of a fixed unlabeled sample per predicted class name: num_images, "
+        "zero_shot (before training), adapted and adapted_ema (after)",
+    )
+
+
+class LogLine(BaseModel):
+    id: int = Field(..., description="increasing: pass the last one as `after` to follow the log")
+    attempt: int = Field(..., description="the attempt (worker claim) that wrote it", examples=[1])
+    ts: datetime
+    level: str = Field(..., description="debug | info | warning | error", examples=["info"])
+    logger: str = Field(..., description="the logger that wrote it", examples=["worker.runner"])
+    message: str = Field(..., description="the line", examples=["claimed job (attempt 1)"])
+
+
+class LogPage(BaseModel):
+    items: list[LogLine]
+    total: int = Field(..., description="lines of the job (of `attempt`, when given)")
+    next_after: int | None = Field(
+        None, description="the `after` of the next call (the last line's id; unchanged if none)"
+    )
+
+
+class Sample(BaseModel):
+    class_name: str = Field(..., description="the predicted class", examples=["cat"])
+    rank: int = Field(
+        ...,
+        description="0: the adapted model's most confident image of the class",
+        examples=[0],
+    )
+    path: str = Field(..., description="the image's path inside the dataset", examples=["a/1.jpg"])
+    score: float = Field(..., description="softmax probability of the class", examples=[0.93])
+    thumbnail: str = Field(..., description="a small JPEG as a data: URI")
+
+
+class SampleList(BaseModel):
+    job_id: uuid.UUID
+    model_id: uuid.UUID
+    class_name: str | None = Field(None, description="the class asked for; null: every class")
+    items: list[Sample]
+    predicted_classes: dict[str, Any] | None = Field(
+        None, description="predicted-class histograms before (zero_shot) and after adaptation"
+    )

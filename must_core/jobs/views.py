@@ -35,6 +35,7 @@ def job_view(job: Job) -> JobRead:
             train=metrics.get("train"),
             eval=evals or None,
             dataset_cache=metrics.get("dataset_cache"),
+            predicted_classes=metrics.get("predicted_classes"),
         ),
         dataset=DatasetStats.model_validate(stats),
         model_id=job.model_id,

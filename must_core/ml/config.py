@@ -137,6 +137,13 @@ class MustConfig(BaseModel):
     # Serialise checkpoints on a background thread (at most one in flight) instead of the training one.
     async_checkpoint: bool = True
     export_ema: bool = True  # also export the EMA teacher as model_ema.safetensors
+    # Label-free spot checks (must_core.ml.gallery): a fixed random sample of this many unlabeled
+    # images is classified by the zero-shot model before training and by the adapted one after it
+    # (predicted-class histograms), and the adapted model's most confident images per class become
+    # the sample gallery (``gallery_per_class`` thumbnails of ``gallery_thumb_px``). 0: no pass.
+    gallery_max_images: int = Field(2000, ge=0, le=10_000_000)
+    gallery_per_class: int = Field(8, ge=0, le=100)
+    gallery_thumb_px: int = Field(96, ge=16, le=512)
 
     @model_validator(mode="after")
     def _check(self) -> MustConfig:

@@ -20,31 +20,38 @@ class EvalResult:
     top1: float  # percent
     mean_per_class: float  # percent, over classes that have at least one sample
     num_images: int
-    per_class: dict[int, float]  # class index -> recall (percent), classes with samples only
+    per_class: dict[str, float]  # class name -> recall (percent), classes with samples only
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "top1": self.top1,
             "mean_per_class": self.mean_per_class,
             "num_images": self.num_images,
-            "per_class": {str(k): v for k, v in self.per_class.items()},
+            "per_class": dict(self.per_class),
         }
 
 
 def accuracy_from_predictions(
-    preds: torch.Tensor, targets: torch.Tensor, num_classes: int
+    preds: torch.Tensor,
+    targets: torch.Tensor,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
 ) -> EvalResult:
     """Top-1 and mean per-class recall over ``range(num_classes)``; classes absent from the targets
-    are excluded from the mean explicitly (the reference's sklearn path could produce NaN)."""
+    are excluded from the mean explicitly (the reference's sklearn path could produce NaN).
+    ``per_class`` is keyed by class name (by the index as a string when no names are given)."""
     preds, targets = preds.long().cpu(), targets.long().cpu()
+    names = list(class_names) if class_names is not None else [str(k) for k in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for {num_classes} classes")
     n = int(targets.numel())
     top1 = 100.0 * float((preds == targets).sum()) / max(n, 1)
-    per_class: dict[int, float] = {}
+    per_class: dict[str, float] = {}
     for k in range(num_classes):
         sel = targets == k
         count = int(sel.sum())
         if count:
-            per_class[k] = 100.0 * float((preds[sel] == k).sum()) / count
+            per_class[names[k]] = 100.0 * float((preds[sel] == k).sum()) / count
     mpc = sum(per_class.values()) / len(per_class) if per_class else 0.0
     return EvalResult(top1=top1, mean_per_class=mpc, num_images=n, per_class=per_class)
 
@@ -82,10 +89,11 @@ def evaluate_folder(
     batch_size: int = 128,
     amp_dtype: torch.dtype | None = None,
     num_workers: int = 0,
+    class_names: Sequence[str] | None = None,
 ) -> EvalResult:
     ds = EvalDataset(items, eval_transform(preprocess))
     loader: DataLoader[Any] = DataLoader(
         ds, batch_size=batch_size, shuffle=False, num_workers=num_workers
     )
     logits, targets = predict_logits(model, loader, device, amp_dtype)
-    return accuracy_from_predictions(logits.argmax(-1), targets, num_classes)
+    return accuracy_from_predictions(logits.argmax(-1), targets, num_classes, class_names)

@@ -32,6 +32,7 @@ from must_core.errors import (
 )
 from must_core.fsutil import atomic_write
 from must_core.ml import checkpoint as ckpt
+from must_core.ml import gallery
 from must_core.ml.config import BaseModelSpec, MustConfig, ema_schedule_params
 from must_core.ml.data import (
     EpochSampler,
@@ -289,6 +290,14 @@ class TrainRun:
             self.scan = self.prepared.scan(self.inputs.images_dir)
         return self.scan
 
+    def unlabeled_sample(self, limit: int) -> list[Path]:
+        """Up to ``limit`` decodable images, the same whenever asked: the first prepared ones (the
+        preparation order is random, and they are ready first), else a seeded sample of the scan."""
+        if self.prepared is not None:
+            have = min(limit, self.prepared.wait_for(limit))
+            return [self.inputs.images_dir / f for f in self.prepared.files[:have]]
+        return gallery.sample_files(self.final_scan().files, limit, self.cfg.seed)
+
     def stop_preparation(self) -> None:
         """A stopped or failed run does not wait for the pass: its folder stays incomplete."""
         if self.preparation is not None:
@@ -391,6 +400,7 @@ def adapt(
         if run.resuming:
             restore(run)
         evaluate_zero_shot(run)
+        spot_check(run, "zero_shot")
         stopped = train_steps(run, hooks)
         return finalize(run, stopped)
     except BaseException:
@@ -632,6 +642,52 @@ def evaluate_zero_shot(run: TrainRun) -> None:
     run.dist.barrier()
 
 
+def spot_check(run: TrainRun, which: Literal["zero_shot", "adapted"]) -> None:
+    """Predicted-class histogram of the fixed unlabeled sample (:mod:`must_core.ml.gallery`) under
+    the zero-shot model (before any update, once per run) or the adapted student and teacher (at
+    the end, with the sample gallery written to the output folder). Rank 0; the others wait."""
+    cfg = run.cfg
+    done = which in run.metrics.get("predicted_classes", {})
+    if cfg.gallery_max_images and run.dist.is_main and (which == "adapted" or not done):
+        files = run.unlabeled_sample(cfg.gallery_max_images)
+        names = run.inputs.class_names
+        hist = run.metrics.setdefault("predicted_classes", {"num_images": len(files)})
+        nets = [("adapted", run.model), ("adapted_ema", run.teacher)]
+        for name, net in [("zero_shot", run.model)] if which == "zero_shot" else nets:
+            idx, scores = _top1(run, net, files)
+            hist[name] = gallery.class_histogram(idx, names)
+            if name == "adapted":
+                _write_gallery(run, files, idx, scores)
+    run.dist.barrier()
+
+
+def _top1(run: TrainRun, net: torch.nn.Module, files: list[Path]) -> tuple[list[int], list[float]]:
+    return gallery.predict_top1(
+        net,
+        files,
+        run.preprocess,
+        device=run.device,
+        batch_size=run.cfg.eval_batch_size,
+        amp_dtype=run.amp_dtype,
+        num_workers=_loader_workers(run.cfg, run.device),
+    )
+
+
+def _write_gallery(run: TrainRun, files: list[Path], idx: list[int], scores: list[float]) -> None:
+    cfg = run.cfg
+    samples = gallery.build_gallery(
+        files,
+        idx,
+        scores,
+        run.inputs.class_names,
+        root=run.inputs.images_dir,
+        per_class=cfg.gallery_per_class,
+        thumb_px=cfg.gallery_thumb_px,
+    )
+    path = run.inputs.output_dir / gallery.GALLERY_FILE
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(samples)))
+
+
 def _evaluate(run: TrainRun, net: torch.nn.Module) -> dict[str, Any]:
     assert run.eval_items is not None
     res = evaluate_folder(
@@ -639,6 +695,7 @@ def _evaluate(run: TrainRun, net: torch.nn.Module) -> dict[str, Any]:
         run.eval_items,
         run.preprocess,
         num_classes=run.model.num_classes,
+        class_names=run.inputs.class_names,
         device=run.device,
         batch_size=run.cfg.eval_batch_size,
         amp_dtype=run.amp_dtype,
@@ -850,6 +907,7 @@ def finalize(run: TrainRun, stopped: bool) -> AdaptationResult:
     run.metrics["num_images"] = len(scan.files)
     run.metrics["num_skipped"] = scan.num_skipped
     run.metrics["dataset_cache"] = run.data_stats
+    spot_check(run, "adapted")
     run.metrics["train_seconds"] = time.monotonic() - run.t_start
     run.save(wait=True)
     paths = _export(run) if run.dist.is_main else {}

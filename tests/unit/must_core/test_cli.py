@@ -73,6 +73,7 @@ def test_adapt_eval_predict(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     assert res["num_images"] == 6 and 0 <= res["top1"] <= 100
+    assert set(res["per_class"]) == set(classes)  # keyed by class name
 
     imgs = sorted((ev / "red").iterdir())
     r = _must("predict", str(model), *map(str, imgs), "--top-k", "2", "--json")

@@ -444,4 +444,6 @@ def test_top1_vs_mean_per_class_on_imbalanced_set() -> None:
     res = accuracy_from_predictions(preds, targets, num_classes=3)  # class 2 absent: no NaN
     assert res.top1 == pytest.approx(80.0)
     assert res.mean_per_class == pytest.approx(50.0)
-    assert set(res.per_class) == {0, 1}
+    assert set(res.per_class) == {"0", "1"}  # no names given: the index as a string
+    named = accuracy_from_predictions(preds, targets, 3, ["cat", "dog", "eel"])
+    assert named.per_class == {"cat": pytest.approx(100.0), "dog": pytest.approx(0.0)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -335,6 +336,20 @@ def test_eval_labels_mapped_by_class_name_and_export_matches_engine(
     for key in ("zero_shot", "adapted", "adapted_ema"):
         assert 0.0 <= res.metrics[key]["top1"] <= 100.0
         assert res.metrics[key]["num_images"] == 9
+        assert set(res.metrics[key]["per_class"]) == set(CLASSES)  # keyed by class name
+    saved = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]
+    assert set(saved["adapted"]["per_class"]) == set(CLASSES)
+    # label-free spot checks: the same 16 images under the zero-shot and the adapted models
+    hist = res.metrics["predicted_classes"]
+    assert hist["num_images"] == 16
+    for key in ("zero_shot", "adapted", "adapted_ema"):
+        assert set(hist[key]) == set(CLASSES) and sum(hist[key].values()) == 16
+    samples = json.loads((tmp_path / "o" / "gallery.json").read_text())
+    assert set(samples) == set(CLASSES)
+    for name, shown in samples.items():
+        assert len(shown) == min(hist["adapted"][name], 8)
+        assert [i["score"] for i in shown] == sorted((i["score"] for i in shown), reverse=True)
+        assert all(i["thumbnail"].startswith("data:image/jpeg;base64,") for i in shown)
     assert res.model_path is not None
     clf = AdaptedClassifier.load(res.model_path)
     state = load_training_checkpoint(res.checkpoint_path)
