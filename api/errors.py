@@ -62,6 +62,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "storage_error": (500, "Object store error"),
     "object_not_found": (500, "Stored artifact missing"),
     "model_load_failed": (500, "Model cannot be loaded"),
+    "export_failed": (500, "Model export failed"),
     "training_diverged": (500, "Training diverged"),
     "training_incomplete": (500, "Training incomplete"),
     "training_process_failed": (500, "Training process failed"),
