@@ -37,6 +37,10 @@ STATUS: dict[str, tuple[int, str]] = {
     "job_not_finished": (409, "Job not finished"),
     "idempotency_conflict": (409, "Idempotency key reused with another body"),
     "model_not_ready": (409, "Model not ready"),
+    "job_not_resumable": (409, "Job cannot be resumed"),
+    "predictions_not_ready": (409, "Predictions not available"),
+    "format_not_available": (409, "Model file not available in this format"),
+    "invalid_model_ref": (422, "Invalid model reference"),
     "zero_shot_disabled": (403, "Zero-shot classification disabled"),
     # /classify inputs
     "request_too_large": (413, "Request too large"),

@@ -93,6 +93,11 @@ class WorkerSettings(BaseModel):
         None  # scratch space for datasets and checkpoints; None: <data_dir>/work
     )
     checkpoint_every_steps: int = Field(200, ge=1)  # upload last.pt to storage this often
+    # Also export each adapted model as ONNX at the end of its job (GET .../download?format=onnx).
+    export_onnx: bool = True
+    # Predictions jobs: images per forward pass, and files between two resumable checkpoints.
+    predict_batch_size: int = Field(64, ge=1, le=4096)
+    predict_checkpoint_every: int = Field(1000, ge=1)
     progress_every_steps: int = Field(10, ge=1)  # engine progress-event interval
     progress_write_interval_s: float = Field(2.0, ge=0)  # at most one progress write per interval
     heartbeat_interval_s: float = Field(10.0, gt=0)  # heartbeat + cancel-flag poll period

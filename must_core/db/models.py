@@ -6,7 +6,17 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, ForeignKey, Index, Integer, String, Text, UniqueConstraint, Uuid
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    Uuid,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from must_core.db.base import Base, JsonType, UtcDateTime, utcnow
@@ -50,6 +60,8 @@ class Job(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     # queued | running | succeeded | failed | cancelled (must_core.jobs.states.JobStatus)
     status: Mapped[str] = mapped_column(String(16), default="queued")
+    # adapt (MUST adaptation) | predict (batch predictions of a model over a dataset)
+    kind: Mapped[str] = mapped_column(String(16), default="adapt", server_default="adapt")
     spec: Mapped[dict[str, Any]] = mapped_column(JsonType)  # the validated JobCreate body
     progress: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
@@ -76,6 +88,10 @@ class Job(Base):
 
 class AdaptedModel(Base):
     __tablename__ = "adapted_models"
+    __table_args__ = (
+        # a name is a tenant's; each job naming it adds the next version
+        UniqueConstraint("tenant_id", "name", "version", name="uq_models_tenant_name_version"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(
@@ -90,4 +106,12 @@ class AdaptedModel(Base):
     artifact_key: Mapped[str] = mapped_column(String(1024))  # jobs/{job_id}/model/model.safetensors
     ema_artifact_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of artifact_key
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1, 2, ... per name
+    # tags point at one version of a name each (setting one moves it); "latest" is implicit
+    tags: Mapped[list[str]] = mapped_column(JsonType, default=list, server_default="[]")
+    onnx_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    onnx_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    onnx_size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

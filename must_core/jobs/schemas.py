@@ -4,12 +4,40 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from must_core.jobs.inputs import MAX_SEED, check_json_value
-from must_core.jobs.states import JobStatus
+from must_core.jobs.states import JobKind, JobStatus
+
+# Model names and tags: no ':' (it separates name and tag) and not UUID-shaped (ids win).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+def _not_uuid(name: str) -> str:
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return name
+    raise ValueError("a model name may not look like a UUID (ids and names share one namespace)")
+
+
+def _plain_tag(tag: str) -> str:
+    if tag == "latest" or tag.isdigit():
+        raise ValueError("'latest' and numbers are reserved (name:latest, name:VERSION)")
+    return tag
+
+
+ModelName = Annotated[
+    str,
+    Field(pattern=MODEL_NAME_PATTERN, examples=["shelf-photos"]),
+    AfterValidator(_not_uuid),
+]
+Tag = Annotated[
+    str, Field(pattern=TAG_PATTERN, examples=["production"]), AfterValidator(_plain_tag)
+]
 
 
 class _Schema(BaseModel):
@@ -43,6 +71,8 @@ class JobParams(BaseModel):
     lr: float | None = Field(None, gt=0, le=1.0)
     min_steps: int | None = Field(None, ge=0, le=10_000_000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # after training, label every image of the job's own dataset (GET /v1/jobs/{id}/predictions)
+    predict_dataset: bool | None = None
 
 
 class JobCreate(BaseModel):
@@ -73,6 +103,10 @@ class JobCreate(BaseModel):
     base_model: BaseModelRequest = Field(default_factory=BaseModelRequest)  # type: ignore[arg-type]
     eval_dataset_uri: str | None = Field(None, max_length=4096)
     params: JobParams = Field(default_factory=JobParams)  # type: ignore[arg-type]
+    # the model's name (a tenant's namespace; each job under a name adds version N+1) and tags
+    # (each tag points at one version; "name:latest" is always the newest)
+    name: ModelName | None = None
+    tags: list[Tag] = Field(default_factory=list, max_length=20)
 
     @field_validator("class_names")
     @classmethod
@@ -116,6 +150,8 @@ class JobMetrics(_Schema):
     )
     # the prepared-dataset cache: {"prepared", "key" (content key), "reused", "prepare_seconds", ...}
     dataset_cache: dict[str, Any] | None = None
+    # predictions jobs (and params.predict_dataset): num_images, num_predicted, num_skipped, ...
+    predictions: dict[str, Any] | None = None
 
 
 class DatasetStats(_Schema):
@@ -124,8 +160,20 @@ class DatasetStats(_Schema):
     skipped_examples: list[dict[str, str]] = Field(default_factory=list)
 
 
+class PredictionsCreate(BaseModel):
+    """A batch-predictions job: every image under ``dataset_uri`` (the same URI kinds and policy
+    as adaptation jobs) labelled by the model; results as JSONL and CSV."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_uri: str = Field(..., min_length=1, max_length=4096)
+    top_k: int = Field(5, ge=1, le=100)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+
+
 class JobRead(_Schema):
     id: uuid.UUID
+    kind: JobKind = JobKind.ADAPT
     status: JobStatus
     dataset_uri: str
     eval_dataset_uri: str | None
@@ -166,6 +214,19 @@ class ModelRead(_Schema):
     size_bytes: int
     created_at: datetime
     artifact_key: str
+    name: str | None = None
+    version: int | None = None
+    tags: list[str] = Field(default_factory=list)
+    sha256: str | None = None  # of the safetensors file (also the download's digest header)
+    # download formats available: safetensors always, onnx when exported, safetensors_ema
+    formats: list[str] = Field(default_factory=list)
+    onnx_size_bytes: int | None = None
+
+
+class ModelTagsUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tags: list[Tag] = Field(..., max_length=20)
 
 
 class ModelList(BaseModel):

@@ -10,7 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -145,3 +148,151 @@ def write_csv(fh: TextIO, rows: Iterable[dict[str, Any]]) -> int:
         )
         n += 1
     return n
+
+
+# ---- a predictions run over a folder: resumable, stoppable, with progress -------------------------
+ROWS_FILE = "rows.jsonl"  # every row so far, predictions and skipped files ({"path", "error"})
+JSONL_FILE, CSV_FILE = "predictions.jsonl", "predictions.csv"
+
+
+@dataclass
+class PredictionRun:
+    """The outcome of :func:`run_predictions` (paths relative to the images folder)."""
+
+    status: str  # completed | stopped
+    total: int
+    done: int
+    num_predicted: int
+    skipped: list[tuple[str, str]]
+    jsonl_path: str | None
+    csv_path: str | None
+    resumed_from: int
+    images_per_second: float
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a (possibly cut-off) rows file: a torn last line is dropped."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def _write_skip(fh: TextIO, path: str, reason: str) -> None:
+    fh.write(json.dumps({"path": path, "error": reason}) + "\n")
+
+
+def run_predictions(
+    model: AdaptedClassifier,
+    images_dir: Path,
+    out_dir: Path,
+    *,
+    top_k: int = 5,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    resume_rows: Path | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+    checkpoint_every: int = 1000,
+) -> PredictionRun:
+    """Predict every image under ``images_dir`` into ``out_dir`` (``predictions.jsonl``/``.csv``).
+
+    Rows go to ``rows.jsonl`` as they come; ``resume_rows`` (an earlier run's rows file) skips the
+    files it already covers. ``on_checkpoint(copy_of_rows, n)`` receives a consistent copy every
+    ``checkpoint_every`` files and when stopped, so a later run can resume from it.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = list_candidate_files(images_dir)
+    rel = {p: p.relative_to(images_dir).as_posix() for p in files}
+    rows_path = out_dir / ROWS_FILE
+    prior = _read_rows(resume_rows) if resume_rows is not None and resume_rows.exists() else []
+    seen = {r["path"] for r in prior}
+    with rows_path.open("w", encoding="utf-8") as fh:
+        write_jsonl(fh, prior)
+    todo = [p for p in files if rel[p] not in seen]
+    done, since_ckpt, t0 = len(prior), 0, time.monotonic()
+
+    def emit(status: str) -> None:
+        if on_progress is not None:
+            rate = (done - len(prior)) / max(time.monotonic() - t0, 1e-6)
+            left = len(files) - done
+            on_progress(
+                {
+                    "step": done,
+                    "total_steps": len(files),
+                    "fraction": done / len(files) if files else 1.0,
+                    "images_per_second": rate,
+                    "eta_seconds": left / rate if rate > 0 else None,
+                    "phase": status,
+                }
+            )
+
+    def snapshot() -> None:
+        if on_checkpoint is not None:
+            copy = out_dir / f"rows-{done:09d}.jsonl"
+            shutil.copyfile(rows_path, copy)
+            on_checkpoint(copy, done)  # the handler links or copies it away
+            copy.unlink(missing_ok=True)
+
+    stopped = False
+    with rows_path.open("a", encoding="utf-8") as fh:
+        for start in range(0, len(todo), batch_size * 4):
+            if should_stop():
+                stopped = True
+                break
+            chunk = todo[start : start + batch_size * 4]
+            got = dict(
+                predict_files(
+                    model,
+                    chunk,
+                    batch_size=batch_size,
+                    top_k=top_k,
+                    num_workers=num_workers,
+                    on_skip=lambda p, why: _write_skip(fh, rel[p], why),
+                )
+            )
+            write_jsonl(fh, [prediction_row(rel[p], pred) for p, pred in got.items()])
+            fh.flush()
+            done += len(chunk)
+            since_ckpt += len(chunk)
+            emit("predict")
+            if since_ckpt >= checkpoint_every:
+                since_ckpt = 0
+                snapshot()
+    rows = _read_rows(rows_path)
+    skipped = [(r["path"], r["error"]) for r in rows if "error" in r]
+    if stopped:
+        snapshot()
+        return PredictionRun(
+            "stopped",
+            len(files),
+            done,
+            len(rows) - len(skipped),
+            skipped,
+            None,
+            None,
+            len(prior),
+            0.0,
+        )
+    good = sorted((r for r in rows if "error" not in r), key=lambda r: r["path"])
+    with (out_dir / JSONL_FILE).open("w", encoding="utf-8") as fh:
+        write_jsonl(fh, good)
+    with (out_dir / CSV_FILE).open("w", encoding="utf-8", newline="") as fh:
+        write_csv(fh, good)
+    rate = (done - len(prior)) / max(time.monotonic() - t0, 1e-6)
+    emit("done")
+    return PredictionRun(
+        "completed",
+        len(files),
+        done,
+        len(good),
+        skipped,
+        str(out_dir / JSONL_FILE),
+        str(out_dir / CSV_FILE),
+        len(prior),
+        rate,
+    )

@@ -119,3 +119,40 @@ def test_onnx_export_matches_torch(model_file: Path, tmp_path: Path) -> None:
         assert delta < 1e-3, f"max |Δlogit| = {delta}"
     meta = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(meta["class_names"]) == CLASSES and meta["image_size"] == "32"
+
+
+def test_run_predictions_stops_and_resumes(model_file: Path, tmp_path: Path) -> None:
+    """A stopped run hands over its rows; a run given them predicts only the rest, and the final
+    files hold every image once (the bad one only in the skipped list)."""
+    from must_core.ml.predict import CSV_FILE, JSONL_FILE, run_predictions
+
+    model = AdaptedClassifier.load(model_file)
+    good = _folder(tmp_path / "imgs")
+    checkpoints: list[tuple[Path, int]] = []
+
+    def keep(path: Path, n: int) -> None:
+        dest = tmp_path / f"ckpt-{n}.jsonl"
+        dest.write_bytes(path.read_bytes())
+        checkpoints.append((dest, n))
+
+    calls = iter([False, True])
+    first = run_predictions(
+        model,
+        tmp_path / "imgs",
+        tmp_path / "out1",
+        batch_size=1,  # chunks of 4 files: one chunk, then the stop
+        should_stop=lambda: next(calls),
+        on_checkpoint=keep,
+    )
+    assert first.status == "stopped" and first.done == 4 and checkpoints[-1][1] == 4
+    second = run_predictions(
+        model, tmp_path / "imgs", tmp_path / "out2", batch_size=2, resume_rows=checkpoints[-1][0]
+    )
+    assert second.status == "completed" and second.resumed_from == 4
+    assert second.total == 10 and second.num_predicted == 9
+    assert second.skipped == [("a/broken.png", "not a decodable image (UnidentifiedImageError)")]
+    rows = [json.loads(line) for line in (tmp_path / "out2" / JSONL_FILE).read_text().splitlines()]
+    assert sorted(r["path"] for r in rows) == sorted(
+        p.relative_to(tmp_path / "imgs").as_posix() for p in good
+    )
+    assert len((tmp_path / "out2" / CSV_FILE).read_text().splitlines()) == 10  # header + 9
