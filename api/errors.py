@@ -40,7 +40,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "job_not_resumable": (409, "Job cannot be resumed"),
     "predictions_not_ready": (409, "Predictions not available"),
     "format_not_available": (409, "Model file not available in this format"),
-    "invalid_model_ref": (422, "Invalid model reference"),
+    "model_not_named": (409, "Model has no name"),
     "zero_shot_disabled": (403, "Zero-shot classification disabled"),
     # /classify inputs
     "request_too_large": (413, "Request too large"),

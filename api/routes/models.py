@@ -124,7 +124,11 @@ def download_model(
     )
 
 
-@router.patch("/{model_id}", response_model=ModelRead, responses=_404)
+@router.patch(
+    "/{model_id}",
+    response_model=ModelRead,
+    responses={**_404, 409: {"description": "The model has no name (model_not_named)"}},
+)
 def update_model(
     model_id: uuid.UUID, body: ModelTagsUpdate, session: SessionDep, tenant: TenantDep
 ) -> ModelRead:

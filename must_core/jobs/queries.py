@@ -526,7 +526,7 @@ def name_model(session: Session, model: AdaptedModel, name: str | None, tags: li
 def set_model_tags(session: Session, model: AdaptedModel, tags: list[str]) -> None:
     """Replace ``model``'s tags; each tag leaves any other version of the same name (one target)."""
     if model.name is None and tags:
-        raise InvalidModelRefError("only a named model can have tags (give the job a name)")
+        raise ModelNotNamedError("only a named model can have tags (give the job a name)")
     wanted = sorted(set(tags))
     others = session.scalars(
         select(AdaptedModel).where(
@@ -542,8 +542,8 @@ def set_model_tags(session: Session, model: AdaptedModel, tags: list[str]) -> No
     session.flush()
 
 
-class InvalidModelRefError(MustError):
-    code = "invalid_model_ref"
+class ModelNotNamedError(MustError):
+    code = "model_not_named"
 
 
 def resolve_model(session: Session, tenant_id: uuid.UUID, ref: str) -> AdaptedModel:

@@ -13,7 +13,8 @@ from must_core.jobs.states import JobKind, JobStatus
 
 # Model names and tags: no ':' (it separates name and tag) and not UUID-shaped (ids win).
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$"  # a letter first: numbers are versions
+_UUID_PREFIX = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-"
 
 
 def _not_uuid(name: str) -> str:
@@ -25,18 +26,26 @@ def _not_uuid(name: str) -> str:
 
 
 def _plain_tag(tag: str) -> str:
-    if tag == "latest" or tag.isdigit():
-        raise ValueError("'latest' and numbers are reserved (name:latest, name:VERSION)")
+    if tag == "latest":
+        raise ValueError("'latest' is reserved (name:latest is always the newest version)")
     return tag
 
 
 ModelName = Annotated[
     str,
-    Field(pattern=MODEL_NAME_PATTERN, examples=["shelf-photos"]),
+    Field(
+        pattern=MODEL_NAME_PATTERN,
+        examples=["shelf-photos"],
+        json_schema_extra={"not": {"pattern": _UUID_PREFIX}},
+    ),
     AfterValidator(_not_uuid),
 ]
 Tag = Annotated[
-    str, Field(pattern=TAG_PATTERN, examples=["production"]), AfterValidator(_plain_tag)
+    str,
+    Field(
+        pattern=TAG_PATTERN, examples=["production"], json_schema_extra={"not": {"const": "latest"}}
+    ),
+    AfterValidator(_plain_tag),
 ]
 
 
