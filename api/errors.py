@@ -41,6 +41,7 @@ STATUS: dict[str, tuple[int, str]] = {
     "predictions_not_ready": (409, "Predictions not available"),
     "format_not_available": (409, "Model file not available in this format"),
     "model_not_named": (409, "Model has no name"),
+    "too_many_webhooks": (409, "Too many webhook endpoints"),
     "zero_shot_disabled": (403, "Zero-shot classification disabled"),
     # /classify inputs
     "request_too_large": (413, "Request too large"),

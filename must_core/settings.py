@@ -69,6 +69,20 @@ class DatasetSettings(BaseModel):
     http_timeout_s: float = Field(30.0, gt=0)
 
 
+class WebhookSettings(BaseModel):
+    # Deliver to hosts that resolve to private/loopback/link-local addresses (SSRF guard off; tests
+    # and private networks only). Checked at submission and again on every connection.
+    allow_private_hosts: bool = False
+    timeout_s: float = Field(10.0, gt=0)  # per delivery attempt (connect + response)
+    max_attempts: int = Field(8, ge=1, le=50)  # then the delivery is marked failed
+    backoff_base_s: float = Field(5.0, gt=0)  # retry n waits base * 2**(n-1), capped, jittered
+    backoff_max_s: float = Field(3600.0, gt=0)
+    # An attempt whose sender died is retried after this lease (at-least-once delivery).
+    lease_s: float = Field(60.0, gt=0)
+    # Jobs finished within this window are checked for undelivered terminal events.
+    emit_window_s: float = Field(86_400.0, gt=0)
+
+
 class WorkerSettings(BaseModel):
     queue: str = "gpu"  # Celery queue for training jobs (one worker process per GPU consumes it)
     # torch CPU threads for training; None: all cores minus the API's share.
@@ -211,6 +225,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     datasets: DatasetSettings = Field(default_factory=DatasetSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     classify: ClassifySettings = Field(default_factory=ClassifySettings)
 

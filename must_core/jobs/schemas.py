@@ -116,6 +116,8 @@ class JobCreate(BaseModel):
     # (each tag points at one version; "name:latest" is always the newest)
     name: ModelName | None = None
     tags: list[Tag] = Field(default_factory=list, max_length=20)
+    # POSTed a signed JSON event when the job ends (see docs/service.md, "Webhooks")
+    callback_url: str | None = Field(None, min_length=1, max_length=2048)
 
     @field_validator("class_names")
     @classmethod
@@ -178,6 +180,7 @@ class PredictionsCreate(BaseModel):
     dataset_uri: str = Field(..., min_length=1, max_length=4096)
     top_k: int = Field(5, ge=1, le=100)
     batch_size: int | None = Field(None, ge=1, le=4096)
+    callback_url: str | None = Field(None, min_length=1, max_length=2048)
 
 
 class JobRead(_Schema):
@@ -230,6 +233,54 @@ class ModelRead(_Schema):
     # download formats available: safetensors always, onnx when exported, safetensors_ema
     formats: list[str] = Field(default_factory=list)
     onnx_size_bytes: int | None = None
+
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled"]
+ALL_EVENTS: list[WebhookEvent] = ["job.succeeded", "job.failed", "job.cancelled"]
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        ..., min_length=1, max_length=2048, examples=["https://example.com/hooks/must"]
+    )
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(ALL_EVENTS), min_length=1)
+
+
+class WebhookRead(_Schema):
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    created_at: datetime
+    secret: str | None = Field(None, description="the HMAC key; returned only when created")
+
+
+class WebhookList(BaseModel):
+    items: list[WebhookRead]
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="signs deliveries to jobs' callback_url")
+
+
+class DeliveryRead(_Schema):
+    id: uuid.UUID
+    job_id: uuid.UUID | None
+    endpoint_id: uuid.UUID | None
+    url: str
+    event: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryRead]
 
 
 class ModelTagsUpdate(BaseModel):

@@ -13,6 +13,7 @@ from must_core.db.models import AdaptedModel
 from must_core.errors import InvalidConfigError
 from must_core.jobs.schemas import JobCreate, PredictionsCreate
 from must_core.settings import Settings
+from must_core.webhooks.urls import validate_webhook_url
 
 # Whether the caller's tenant owns a job id (artifact-bucket URIs are readable under own jobs only).
 OwnsJob = Callable[[uuid.UUID], bool]
@@ -65,6 +66,8 @@ def validate_job(body: JobCreate, settings: Settings, owns_job: OwnsJob) -> dict
     if body.eval_dataset_uri:
         validate_request_uri(body.eval_dataset_uri, settings, owns_job, "dir")
     validate_base_model(body.base_model.model_dump(), settings, owns_job)
+    if body.callback_url:
+        validate_webhook_url(body.callback_url, settings.webhooks)
     if len(body.class_names) > settings.api.max_class_names:
         raise InvalidConfigError(f"at most {settings.api.max_class_names} class names")
     if body.templates and len(body.templates) > settings.api.max_templates:
@@ -94,6 +97,8 @@ def validate_predictions(
     """The spec of a predictions job: the dataset URI under the jobs' policy, plus what the worker
     needs of the model (its artifact and classes) so the job does not depend on the model row."""
     validate_request_uri(body.dataset_uri, settings, owns_job, "dir")
+    if body.callback_url:
+        validate_webhook_url(body.callback_url, settings.webhooks)
     return {
         **body.model_dump(mode="json", exclude_none=True),
         "model_id": str(model.id),
