@@ -29,7 +29,7 @@ MAX_ENDPOINTS = 20
 
 
 @router.post(
-    "",
+    "/endpoints",
     status_code=status.HTTP_201_CREATED,
     response_model=WebhookRead,
     responses={
@@ -57,7 +57,7 @@ def create_webhook(
     return _view(endpoint, with_secret=True)
 
 
-@router.get("", response_model=WebhookList)
+@router.get("/endpoints", response_model=WebhookList)
 def list_webhooks(session: SessionDep, tenant: TenantDep) -> WebhookList:
     """The tenant's endpoints (without their secrets)."""
     rows = session.scalars(
@@ -79,7 +79,7 @@ def _view(e: WebhookEndpoint, *, with_secret: bool = False) -> WebhookRead:
     )
 
 
-@router.delete("/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_404)
+@router.delete("/endpoints/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_404)
 def delete_webhook(webhook_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> Response:
     """Remove an endpoint; its pending deliveries go with it."""
     res = session.execute(

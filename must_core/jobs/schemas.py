@@ -31,6 +31,18 @@ def _plain_tag(tag: str) -> str:
     return tag
 
 
+# http(s), a host name or IPv4 address (no credentials), an optional port 1-65535, then anything
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+WEBHOOK_URL_PATTERN = rf"^https?://[A-Za-z0-9.-]+(?::{_PORT})?(?:[/?#][!-~]*)?$"
+WebhookUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2048,
+        pattern=WEBHOOK_URL_PATTERN,
+        examples=["https://example.com/hooks/must"],
+    ),
+]
 ModelName = Annotated[
     str,
     Field(
@@ -117,7 +129,7 @@ class JobCreate(BaseModel):
     name: ModelName | None = None
     tags: list[Tag] = Field(default_factory=list, max_length=20)
     # POSTed a signed JSON event when the job ends (see docs/service.md, "Webhooks")
-    callback_url: str | None = Field(None, min_length=1, max_length=2048)
+    callback_url: WebhookUrl | None = None
 
     @field_validator("class_names")
     @classmethod
@@ -180,7 +192,7 @@ class PredictionsCreate(BaseModel):
     dataset_uri: str = Field(..., min_length=1, max_length=4096)
     top_k: int = Field(5, ge=1, le=100)
     batch_size: int | None = Field(None, ge=1, le=4096)
-    callback_url: str | None = Field(None, min_length=1, max_length=2048)
+    callback_url: WebhookUrl | None = None
 
 
 class JobRead(_Schema):
@@ -242,9 +254,7 @@ ALL_EVENTS: list[WebhookEvent] = ["job.succeeded", "job.failed", "job.cancelled"
 class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    url: str = Field(
-        ..., min_length=1, max_length=2048, examples=["https://example.com/hooks/must"]
-    )
+    url: WebhookUrl
     events: list[WebhookEvent] = Field(default_factory=lambda: list(ALL_EVENTS), min_length=1)
 
 

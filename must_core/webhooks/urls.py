@@ -19,7 +19,13 @@ def validate_webhook_url(url: str, policy: WebhookSettings) -> str:
     """
     if not url or len(url) > MAX_URI_LENGTH or any(ord(c) < 32 for c in url):
         raise InvalidUriError("a webhook URL must be 1-4096 characters without control characters")
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise InvalidUriError(f"malformed webhook URL: {exc}") from exc
+    if port == 0:
+        raise InvalidUriError("a webhook URL may not use port 0")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise InvalidUriError("a webhook URL must be http:// or https:// with a host")
     if parts.username or parts.password:

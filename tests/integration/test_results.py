@@ -258,3 +258,44 @@ def test_bad_inputs_are_clear_4xx(
         client_a.get(f"/v1/jobs/{'0' * 8}-0000-4000-8000-{'0' * 12}/predictions"), 404, "not_found"
     )
     problem(client_a.post(f"/v1/jobs/{'0' * 8}-0000-4000-8000-{'0' * 12}/resume"), 404, "not_found")
+
+
+def test_python_client_end_to_end(
+    worker: Proc,
+    api: str,
+    keys: dict[str, str],
+    upload: Any,
+    tiny_config_uri: str,
+    s3: dict[str, Any],
+    stamp: str,
+    tmp_path: Path,
+) -> None:
+    """The public client: submit, wait with a progress callback, classify by name, a digest-checked
+    download, a predictions job and its CSV, and the problem code of a refused request."""
+    from must_core.client import ClientError, MustClient
+
+    files = make_images(2, CLASSES, seed=41)
+    dataset = upload(f"client-{stamp}", files)
+    seen: list[int] = []
+    with MustClient(api, keys["tenant-a"]) as must:
+        job = must.submit(
+            dataset,
+            CLASSES,
+            base_model={"arch": "must-tiny", "config_uri": tiny_config_uri},
+            params={"epochs": 1, "batch_size": 4, "min_steps": 4},
+            name=f"client-{stamp}",
+        )
+        job = must.wait(job.id, on_progress=lambda j: seen.append(j.progress.step), interval=0.3)
+        assert job.status == "succeeded" and seen and seen[-1] == 4
+        res = must.classify(f"client-{stamp}:latest", [files["red/000.png"]], top_k=2)
+        assert len(res) == 1 and len(res[0]["top_k"]) == 2
+        path = must.download(f"client-{stamp}", tmp_path / "m.safetensors")
+        model = must.model(str(job.model_id))
+        assert path.read_bytes() == _stored(s3, model.artifact_key) and model.version == 1
+        preds = must.wait(must.predict(f"client-{stamp}", dataset, top_k=1).id, interval=0.3)
+        assert preds.kind == "predict" and preds.status == "succeeded"
+        out = must.download_predictions(preds.id, tmp_path / "p.csv", format="csv")
+        assert len(out.read_text().splitlines()) == 1 + len(files)
+        with pytest.raises(ClientError) as err:
+            must.resume(job.id)
+        assert err.value.code == "job_not_resumable"

@@ -71,11 +71,13 @@ def test_callback_and_endpoint_signed_with_retry(
     callback = Receiver(fail_first=2)
     endpoint = Receiver()
     try:
-        r = client_a.post("/v1/webhooks", json={"url": endpoint.url, "events": ["job.succeeded"]})
+        r = client_a.post(
+            "/v1/webhooks/endpoints", json={"url": endpoint.url, "events": ["job.succeeded"]}
+        )
         assert r.status_code == 201, r.text
         hook = r.json()
         assert hook["secret"].startswith("whsec_")
-        listed = client_a.get("/v1/webhooks").json()["items"]
+        listed = client_a.get("/v1/webhooks/endpoints").json()["items"]
         assert hook["id"] in [h["id"] for h in listed] and all(h["secret"] is None for h in listed)
         tenant_secret = client_a.get("/v1/webhooks/secret").json()["secret"]
 
@@ -105,8 +107,8 @@ def test_callback_and_endpoint_signed_with_retry(
             and by_url[callback.url]["last_status_code"] == 204
         )
         assert by_url[endpoint.url]["attempts"] == 1
-        assert client_a.delete(f"/v1/webhooks/{hook['id']}").status_code == 204
-        assert client_a.delete(f"/v1/webhooks/{hook['id']}").status_code == 404
+        assert client_a.delete(f"/v1/webhooks/endpoints/{hook['id']}").status_code == 204
+        assert client_a.delete(f"/v1/webhooks/endpoints/{hook['id']}").status_code == 404
     finally:
         callback.close()
         endpoint.close()
@@ -114,7 +116,9 @@ def test_callback_and_endpoint_signed_with_retry(
 
 def test_webhook_inputs_are_clear_4xx(client_a: httpx.Client) -> None:
     for url in ("ftp://example.com/x", "http://user:pw@example.com/x", "not a url"):
-        r = client_a.post("/v1/webhooks", json={"url": url})
-        assert r.status_code == 422 and r.json()["code"] == "invalid_uri", r.text
-    r = client_a.post("/v1/webhooks", json={"url": "https://example.com/x", "events": ["nope"]})
+        r = client_a.post("/v1/webhooks/endpoints", json={"url": url})
+        assert r.status_code == 422 and r.json()["code"] == "validation_error", r.text
+    r = client_a.post(
+        "/v1/webhooks/endpoints", json={"url": "https://example.com/x", "events": ["nope"]}
+    )
     assert r.status_code == 422 and r.json()["code"] == "validation_error"
