@@ -122,3 +122,72 @@ def test_webhook_inputs_are_clear_4xx(client_a: httpx.Client) -> None:
         "/v1/webhooks/endpoints", json={"url": "https://example.com/x", "events": ["nope"]}
     )
     assert r.status_code == 422 and r.json()["code"] == "validation_error"
+
+
+def test_outbox_survives_a_dead_sender_and_announces_once(pg_url: str) -> None:
+    """On PostgreSQL: a terminal job is announced exactly once even with two relays; a delivery whose
+    sender died after leasing it (no attempt recorded) is sent after the lease expires; a receiver
+    that keeps failing ends as ``failed`` after max_attempts with every attempt counted."""
+    import time
+
+    from must_core.db.models import Job, WebhookDelivery
+    from must_core.db.session import make_engine, make_sessionmaker, session_scope
+    from must_core.jobs import queries
+    from must_core.settings import Settings, WebhookSettings
+    from must_core.webhooks import outbox
+
+    good, bad = Receiver(), Receiver(fail_first=10**6)
+    settings = Settings(
+        webhooks=WebhookSettings(
+            allow_private_hosts=True,
+            lease_s=1.0,
+            backoff_base_s=0.1,
+            backoff_max_s=0.2,
+            max_attempts=3,
+            timeout_s=3,
+        )
+    )
+    sessions = make_sessionmaker(make_engine(pg_url))
+    try:
+        with session_scope(sessions) as s:
+            tenant = queries.get_or_create_tenant(s, f"outbox-{time.time_ns()}")
+            ids = []
+            for url in (good.url, bad.url):
+                job = queries.create_job(
+                    s,
+                    tenant.id,
+                    {"dataset_uri": "s3://b/p/", "class_names": ["a", "b"], "callback_url": url},
+                )
+                job.status, job.finished_at = "failed", outbox.utcnow()
+                ids.append(job.id)
+        with session_scope(sessions) as s:
+            assert outbox.emit_due(s, settings, outbox.utcnow()) == 2
+            assert outbox.emit_due(s, settings, outbox.utcnow()) == 0  # announced once
+            # a sender leases both deliveries and dies before attempting them
+            leased = outbox._lease(s, settings.webhooks, outbox.utcnow(), 10)
+        assert len(leased) == 2
+        assert outbox.relay_webhooks(settings, sessions) == 0  # still leased: nobody sends
+        assert good.calls == []
+        time.sleep(1.2)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            outbox.relay_webhooks(settings, sessions)
+            with session_scope(sessions) as s:
+                rows = {
+                    d.url: d
+                    for d in s.query(WebhookDelivery).filter(WebhookDelivery.job_id.in_(ids))
+                }
+                if rows[good.url].status == "delivered" and rows[bad.url].status == "failed":
+                    break
+            time.sleep(0.2)
+        assert rows[good.url].status == "delivered" and rows[good.url].attempts == 1
+        assert rows[bad.url].status == "failed" and rows[bad.url].attempts == 3
+        assert rows[bad.url].last_status_code == 500 and len(bad.calls) == 3
+        with session_scope(sessions) as s:  # a resumed job that ends again is announced again
+            j = s.get(Job, ids[0])
+            assert j is not None and j.notified_status == "failed"
+            j.status = "cancelled"
+            assert outbox.emit_due(s, settings, outbox.utcnow()) == 1
+    finally:
+        good.close()
+        bad.close()
