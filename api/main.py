@@ -15,7 +15,7 @@ from api import console, errors, openapi
 from api.metrics import ApiMetrics
 from api.metrics import install as install_metrics
 from api.queue import JobQueue
-from api.routes import classify, health, job_history, jobs, models
+from api.routes import classify, health, job_history, jobs, models, webhooks
 from api.serving import Serving
 from must_core.db.session import make_engine, make_sessionmaker
 from must_core.jobs.broker import ensure_broker_dirs
@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     v1.include_router(jobs.router)
     v1.include_router(job_history.router)
     v1.include_router(models.router)
+    v1.include_router(webhooks.router)
     v1.include_router(classify.router)
     app.include_router(v1)
     app.include_router(health.router)

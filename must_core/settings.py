@@ -69,6 +69,20 @@ class DatasetSettings(BaseModel):
     http_timeout_s: float = Field(30.0, gt=0)
 
 
+class WebhookSettings(BaseModel):
+    # Deliver to hosts that resolve to private/loopback/link-local addresses (SSRF guard off; tests
+    # and private networks only). Checked at submission and again on every connection.
+    allow_private_hosts: bool = False
+    timeout_s: float = Field(10.0, gt=0)  # per delivery attempt (connect + response)
+    max_attempts: int = Field(8, ge=1, le=50)  # then the delivery is marked failed
+    backoff_base_s: float = Field(5.0, gt=0)  # retry n waits base * 2**(n-1), capped, jittered
+    backoff_max_s: float = Field(3600.0, gt=0)
+    # An attempt whose sender died is retried after this lease (at-least-once delivery).
+    lease_s: float = Field(60.0, gt=0)
+    # Jobs finished within this window are checked for undelivered terminal events.
+    emit_window_s: float = Field(86_400.0, gt=0)
+
+
 class WorkerSettings(BaseModel):
     queue: str = "gpu"  # Celery queue for training jobs (one worker process per GPU consumes it)
     # torch CPU threads for training; None: all cores minus the API's share.
@@ -93,6 +107,11 @@ class WorkerSettings(BaseModel):
         None  # scratch space for datasets and checkpoints; None: <data_dir>/work
     )
     checkpoint_every_steps: int = Field(200, ge=1)  # upload last.pt to storage this often
+    # Also export each adapted model as ONNX at the end of its job (GET .../download?format=onnx).
+    export_onnx: bool = True
+    # Predictions jobs: images per forward pass, and files between two resumable checkpoints.
+    predict_batch_size: int = Field(64, ge=1, le=4096)
+    predict_checkpoint_every: int = Field(1000, ge=1)
     progress_every_steps: int = Field(10, ge=1)  # engine progress-event interval
     progress_write_interval_s: float = Field(2.0, ge=0)  # at most one progress write per interval
     heartbeat_interval_s: float = Field(10.0, gt=0)  # heartbeat + cancel-flag poll period
@@ -210,6 +229,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     datasets: DatasetSettings = Field(default_factory=DatasetSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     classify: ClassifySettings = Field(default_factory=ClassifySettings)
 

@@ -9,6 +9,7 @@ final commit (model row + ``succeeded``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from must_core.errors import InvalidConfigError, MustError
 from must_core.jobs import history, queries
 from must_core.jobs.base_models import resolve_base_model
 from must_core.jobs.dispatch import job_processes
-from must_core.jobs.states import JobStatus
+from must_core.jobs.states import JobKind, JobStatus
 from must_core.logging import bind
 from must_core.ml.launch import LaunchSpec
 from must_core.settings import Settings
@@ -45,6 +46,7 @@ from must_core.storage import (
 )
 from must_core.storage.base import TransientStorageError
 from must_core.storage.factory import make_s3_client_from_settings
+from must_core.storage.keys import onnx_key, predictions_key
 from worker.joblog import JobLogCapture
 from worker.training import CheckpointUploader, TrainingProcess
 
@@ -82,6 +84,7 @@ class _Attempt:
     prepared_upload: threading.Thread | None = None
     seen_progress: bool = False  # the trainer has reported a step (it has state worth saving)
     log: JobLogCapture | None = None
+    kind: str = "adapt"  # adapt | predict (must_core.jobs.states.JobKind)
 
 
 class JobRunner:
@@ -149,9 +152,13 @@ class JobRunner:
             spec: dict[str, Any] = dict(job.spec)
             ckpt_step = job.checkpoint_step
             state.tenant_id = job.tenant_id
+            state.kind = job.kind
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        launch, processes = self._prepare(state, spec, work, ckpt_step)
+        if state.kind == JobKind.PREDICT:
+            launch, processes = self._prepare_predict(state, spec, work, ckpt_step), 1
+        else:
+            launch, processes = self._prepare(state, spec, work, ckpt_step)
         result = self._train(state, work / "run", launch, processes, ckpt_step or 0)
         return self._finish(state, spec, result)
 
@@ -187,6 +194,7 @@ class JobRunner:
         _stop_if(stop)
         params = dict(spec.get("params") or {})
         preset = params.pop("preset", None)
+        predict_dataset = bool(params.pop("predict_dataset", False))
         cfg = make_config(
             preset,
             **params,
@@ -212,8 +220,59 @@ class JobRunner:
             templates=spec.get("templates"),
             eval_dir=str(eval_dir) if eval_dir else None,
             prepared_cache=str(prepared_cache) if prepared_cache else None,
+            export_onnx=w.export_onnx,
+            predict=self._predict_options(spec) if predict_dataset else None,
         )
         return launch, processes
+
+    def _predict_options(
+        self, spec: dict[str, Any], resume_rows: Path | None = None
+    ) -> dict[str, Any]:
+        w = self.settings.worker
+        return {
+            "top_k": int(spec.get("top_k") or 5),
+            "batch_size": int(spec.get("batch_size") or w.predict_batch_size),
+            "num_workers": w.num_workers or 0,
+            "device": w.device,
+            "num_threads": max(1, self.settings.worker_threads),
+            "checkpoint_every": w.predict_checkpoint_every,
+            "resume_rows": str(resume_rows) if resume_rows else None,
+        }
+
+    def _prepare_predict(
+        self, state: _Attempt, spec: dict[str, Any], work: Path, ckpt_step: int | None
+    ) -> LaunchSpec:
+        """Fetch the dataset and the model; a stored checkpoint is the rows written so far."""
+        self._write(state, progress={"step": ckpt_step or 0, "fraction": 0.0, "phase": "fetch"})
+        stop = state.cancel.is_set
+        images = fetch_dataset(
+            spec["dataset_uri"],
+            work / "dataset",
+            self.settings.datasets,
+            lambda: make_s3_client_from_settings(self.settings),
+            stop,
+        )
+        _stop_if(stop)
+        model_path = work / "model.safetensors"
+        self.store.get_file(spec["artifact_key"], model_path)
+        out = work / "output"
+        out.mkdir()
+        resume_rows = None
+        if self.store.exists(checkpoint_key(state.job_id)):
+            resume_rows = out / "resume-rows.jsonl"
+            self.store.get_file(checkpoint_key(state.job_id), resume_rows)
+            _logger.info("resuming predictions after %s files", ckpt_step)
+            self._write(state, resumed_from_step=ckpt_step)
+        return LaunchSpec(
+            config={},
+            images_dir=str(images),
+            class_names=list(spec["class_names"]),
+            output_dir=str(out),
+            base_model={},
+            task="predict",
+            model_path=str(model_path),
+            predict=self._predict_options(spec, resume_rows),
+        )
 
     def _fetch_prepared(self, state: _Attempt, images: Path, cache: Path) -> Path | None:
         """Download the cached prepared form of this dataset, if any (keyed by its files' identity)."""
@@ -333,7 +392,10 @@ class JobRunner:
         ):
             return
         state.last_progress_write = now
-        self._write(state, progress=_progress(event), metrics=_train_metrics(event))
+        if "losses" in event:
+            self._write(state, progress=_progress(event), metrics=_train_metrics(event))
+        else:  # a predictions job: progress counts files
+            self._write(state, progress=_progress(event))
 
     def _upload_checkpoint(self, state: _Attempt, path: Path) -> None:
         if state.lost.is_set():  # another attempt owns the job: never overwrite its checkpoint
@@ -349,6 +411,8 @@ class JobRunner:
         """Record a stopped run (cancelled/lost) or upload the model and complete the job."""
         if result["status"] == "stopped":
             return self._stopped(state, result)
+        if state.kind == JobKind.PREDICT:
+            return self._finish_predict(state, result["predictions"])
         stats = _dataset_stats(result)
         progress = _final_progress(result)
         metrics = _json_safe(result["metrics"])
@@ -364,6 +428,9 @@ class JobRunner:
         if metrics_file.exists():
             self._put_patiently(metrics_file, metrics_key(state.job_id))
         gallery = _read_gallery(Path(result["output_dir"]) / GALLERY_FILE)
+        onnx = self._put_onnx(state, result)
+        if result.get("predictions"):
+            metrics["predictions"] = self._put_predictions(state, result["predictions"])
         with session_scope(self.sessions) as s:
             job = queries.load_job(s, state.job_id)
             assert job is not None
@@ -376,7 +443,10 @@ class JobRunner:
                 artifact_key=model_key(state.job_id),
                 ema_artifact_key=ema_key,
                 size_bytes=model_path.stat().st_size,
+                sha256=file_sha256(model_path),
+                **onnx,
             )
+            queries.name_model(s, model, spec.get("name"), spec.get("tags") or [])
             values = {
                 "progress": progress,
                 "metrics": metrics,
@@ -395,6 +465,70 @@ class JobRunner:
         _logger.info("job succeeded: %d steps, model %s", result["step"], model.id)
         return "succeeded"
 
+    def _put_onnx(self, state: _Attempt, result: dict[str, Any]) -> dict[str, Any]:
+        """Upload the ONNX export when the trainer produced one; the model row's onnx fields."""
+        if not result.get("onnx_path"):
+            if result.get("onnx_error"):
+                _logger.warning("no ONNX export: %s", result["onnx_error"])
+            return {}
+        path = Path(result["onnx_path"])
+        self._put_patiently(path, onnx_key(state.job_id))
+        return {
+            "onnx_key": onnx_key(state.job_id),
+            "onnx_sha256": file_sha256(path),
+            "onnx_size_bytes": path.stat().st_size,
+        }
+
+    def _put_predictions(self, state: _Attempt, run: dict[str, Any]) -> dict[str, Any]:
+        """Upload the JSONL and CSV predictions; the summary stored in the job's metrics."""
+        if run["status"] != "completed":
+            return {"status": run["status"], "num_predicted": run["num_predicted"]}
+        keys = {}
+        for fmt, path in (("jsonl", run["jsonl_path"]), ("csv", run["csv_path"])):
+            keys[fmt] = predictions_key(state.job_id, fmt)
+            self._put_patiently(Path(path), keys[fmt])
+        return {
+            "status": "completed",
+            "num_images": run["total"],
+            "num_predicted": run["num_predicted"],
+            "num_skipped": len(run["skipped"]),
+            "skipped_examples": [{"path": p, "reason": r} for p, r in run["skipped"][:20]],
+            "images_per_second": run["images_per_second"],
+            "resumed_from": run["resumed_from"],
+            "keys": keys,
+        }
+
+    def _finish_predict(self, state: _Attempt, run: dict[str, Any]) -> str:
+        summary = self._put_predictions(state, run)
+        progress = {
+            "step": run["done"],
+            "total_steps": run["total"],
+            "fraction": 1.0,
+            "eta_seconds": 0.0,
+            "images_per_second": run["images_per_second"],
+            "phase": "done",
+        }
+        stats = {
+            "num_images": run["total"],
+            "num_skipped": len(run["skipped"]),
+            "skipped_examples": summary["skipped_examples"],
+        }
+        with session_scope(self.sessions) as s:
+            done = queries.finish_job(
+                s,
+                state.job_id,
+                state.attempt,
+                JobStatus.SUCCEEDED,
+                progress=progress,
+                metrics={"predictions": summary},
+                dataset_stats=stats,
+            )
+        if not done:
+            _logger.warning("claim lost before completion; predictions not recorded")
+            return "lost"
+        _logger.info("predictions done: %d rows", run["num_predicted"])
+        return "succeeded"
+
     def _stopped(self, state: _Attempt, result: dict[str, Any]) -> str:
         if state.lost.is_set() and not state.cancel.is_set():
             _logger.warning("lost the claim on this job; another attempt owns it now")
@@ -405,7 +539,7 @@ class JobRunner:
                 code="training_incomplete",
             )
         extra: dict[str, Any] = {}
-        if not result.get("killed"):
+        if not result.get("killed") and state.kind != JobKind.PREDICT:
             extra = {
                 "progress": _final_progress(result),
                 "metrics": _json_safe(result["metrics"]),
@@ -489,6 +623,14 @@ def _read_gallery(path: Path) -> dict[str, list[dict[str, Any]]]:
         _logger.warning("sample gallery unreadable, the model gets none: %s", exc)
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _stop_if(should_stop: Callable[[], bool]) -> None:

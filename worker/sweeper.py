@@ -143,11 +143,20 @@ class SweeperThread(threading.Thread):
         last_sweep = time.monotonic()
         while not self.stopping.wait(min(w.relay_interval_s, w.sweep_interval_s)):
             self._guarded(relay_once, self.in_broker)
+            self._webhooks()
             if time.monotonic() - last_sweep >= w.sweep_interval_s:
                 last_sweep = time.monotonic()
                 self._guarded(sweep_once)
                 if self.store is not None:
                     self._purge(self.store)
+
+    def _webhooks(self) -> None:
+        from must_core.webhooks.outbox import relay_webhooks
+
+        try:
+            relay_webhooks(self.settings, self.sessions)
+        except Exception:
+            _logger.exception("webhook relay failed")
 
     def _purge(self, store: ArtifactStore) -> None:
         try:

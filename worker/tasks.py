@@ -72,5 +72,8 @@ def run_job(self: Any, job_id: str) -> str:
 def sweep_stale_jobs() -> dict[str, int]:
     """Re-queue or fail jobs with a stale heartbeat; re-send queued jobs whose message was lost."""
     settings, send = get_settings(), sender(current_app)
+    from must_core.webhooks.outbox import relay_webhooks
+
     relay_once(settings, context.sessions(), send, broker_job_ids(current_app))
+    relay_webhooks(settings, context.sessions())
     return sweep_once(settings, context.sessions(), send)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
@@ -190,14 +191,24 @@ def _classify(served: Served, raws: list[bytes], settings: Settings, top_k: int)
     return _results(preds)
 
 
-def _find_model(
-    sessions: sessionmaker[Session], tenant: uuid.UUID, model_id: uuid.UUID
-) -> AdaptedModel:
-    """The model, or the model of the succeeded job with this id (409 before it succeeds)."""
+def _is_uuid(ref: str) -> bool:
+    try:
+        uuid.UUID(ref)
+    except ValueError:
+        return False
+    return True
+
+
+def _find_model(sessions: sessionmaker[Session], tenant: uuid.UUID, ref: str) -> AdaptedModel:
+    """The model by id or name (``name[:latest|:VERSION|:TAG]``), or the model of the succeeded
+    job with this id (409 before it succeeds)."""
     with sessions() as session:
         try:
-            model = queries.get_model(session, tenant, model_id)
+            model = queries.resolve_model(session, tenant, ref)
         except queries.NotFoundError:
+            if not _is_uuid(ref):
+                raise
+            model_id = uuid.UUID(ref)
             job = queries.get_job(session, tenant, model_id)  # 404 when neither exists
             if job.status != JobStatus.SUCCEEDED or job.model_id is None:
                 raise ApiError(
@@ -216,11 +227,19 @@ def _find_model(
     openapi_extra={"requestBody": images_body()},
 )
 async def classify_adapted(
-    model_id: uuid.UUID, request: Request, tenant: ShortTenantDep, settings: SettingsDep
+    request: Request,
+    tenant: ShortTenantDep,
+    settings: SettingsDep,
+    model_id: str = PathParam(
+        ...,
+        max_length=300,
+        description="model id, job id, or name (name, name:latest, name:VERSION, name:TAG)",
+    ),
 ) -> ClassifyResponse:
     """Classify images with an adapted model: top-k labels and scores per image, in order.
 
-    ``model_id`` may also be the id of the job that produces the model: 409 until it succeeds.
+    ``model_id`` may be a model id, a model name (``name`` or ``name:latest``: the newest version;
+    ``name:3``; ``name:TAG``), or the id of the job that produces the model: 409 until it succeeds.
     """
     model = await run_in_threadpool(_find_model, request.app.state.sessions, tenant, model_id)
     parsed = await _parse(request, settings)  # after the lookup: no body is read for a 404

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response, status
+from sqlalchemy.orm import Session
 
 from api.deps import QueueDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from api.downloads import stream_object
+from api.errors import ApiError
+from api.queue import JobQueue
+from must_core.db.models import Job
 from must_core.jobs import queries
 from must_core.jobs.dispatch import job_processes
 from must_core.jobs.inputs import INT64_MAX
 from must_core.jobs.schemas import JobCreate, JobList, JobRead, StatusFilter
+from must_core.jobs.states import JobKind, JobStatus
 from must_core.jobs.validate import validate_job
 from must_core.jobs.views import job_view
-from must_core.storage.keys import job_prefix
+from must_core.storage.keys import job_prefix, predictions_key
 
 _logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -59,10 +65,15 @@ def submit_job(
     job, created = queries.create_job_once(session, tenant, spec, idempotency_key)
     if not created:
         return job_view(job)
-    # The row is the truth: commit before sending, so the worker always finds it.
+    return commit_and_send(session, queue, job)
+
+
+def commit_and_send(session: Session, queue: JobQueue, job: Job) -> JobRead:
+    """The row is the truth: commit before sending, so the worker always finds it; a failed send
+    leaves the row to the outbox relay."""
     session.commit()
     try:
-        queue.send_job(str(job.id), job_processes(spec))
+        queue.send_job(str(job.id), job_processes(job.spec))
         queries.mark_enqueued(session, job.id)
         session.commit()
     except Exception:
@@ -133,3 +144,58 @@ def cancel_job(job_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> Job
     """Idempotent: a queued job never starts; a running one stops at its next step."""
     job = queries.request_cancel(session, queries.get_job(session, tenant, job_id))
     return job_view(job)
+
+
+@router.post(
+    "/{job_id}/resume",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobRead,
+    responses={
+        **_PROBLEMS,
+        404: {"description": "No such job for this tenant"},
+        409: {"description": "The job is not failed or cancelled (job_not_resumable)"},
+    },
+)
+def resume_job(
+    job_id: uuid.UUID, session: SessionDep, tenant: TenantDep, queue: QueueDep
+) -> JobRead:
+    """Queue a cancelled or failed job again. It continues from its last stored checkpoint
+    (``checkpoint_step``; a predictions job from the files it had done) rather than from 0;
+    ``resumed_from_step`` shows where it picked up."""
+    job = queries.resume_job(session, queries.get_job(session, tenant, job_id))
+    return commit_and_send(session, queue, job)
+
+
+@router.get(
+    "/{job_id}/predictions",
+    responses={
+        **_PROBLEMS,
+        200: {
+            "description": "JSONL (one object per image: path, label, score, top_k) or CSV",
+            "content": {"application/x-ndjson": {}, "text/csv": {}},
+        },
+        404: {"description": "No such job for this tenant"},
+        409: {"description": "The job has no predictions (yet) (predictions_not_ready)"},
+    },
+)
+def download_predictions(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    tenant: TenantDep,
+    store: StoreDep,
+    format: Literal["jsonl", "csv"] = Query("jsonl", description="jsonl or csv"),
+) -> Response:
+    """The predictions of a succeeded predictions job (or of an adaptation job run with
+    ``params.predict_dataset``), streamed. Paths are relative to the dataset URI."""
+    job = queries.get_job(session, tenant, job_id)
+    summary = (job.metrics or {}).get("predictions") or {}
+    if job.status != JobStatus.SUCCEEDED or summary.get("status") != "completed":
+        raise ApiError(
+            "predictions_not_ready",
+            f"job {job_id} ({job.kind}, {job.status}) has no completed predictions",
+        )
+    media = "application/x-ndjson" if format == "jsonl" else "text/csv"
+    kind = "predictions" if job.kind == JobKind.PREDICT else "dataset-predictions"
+    return stream_object(
+        store, predictions_key(job.id, format), media, f"{kind}-{job.id}.{format}", digest=None
+    )

@@ -16,46 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from must_core.cli.engine import parse_overrides
+from must_core.client import ClientError, MustClient, Unreachable
 from must_core.errors import MustError
+
+__all__ = ["Client", "ClientError", "Unreachable"]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
-class ClientError(MustError):
-    code = "client_error"
-
-
-class Unreachable(MustError):
-    code = "server_unreachable"
-
-
-class Client:
-    """Thin JSON client over httpx; every non-2xx answer becomes a ClientError with its code."""
-
-    def __init__(self, url: str, api_key: str | None, timeout: float = 60.0) -> None:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        self._httpx = httpx
-
-    def request(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            r = self._http.request(method, path, **kwargs)
-        except self._httpx.TransportError as exc:
-            raise Unreachable(f"cannot reach {self._http.base_url}: {exc}") from exc
-        if r.status_code >= 400:
-            try:
-                body = r.json()
-            except ValueError:
-                body = {"detail": r.text[:500]}
-            code = body.get("code") or f"http_{r.status_code}"
-            detail = body.get("detail") or body.get("title") or r.reason_phrase
-            raise ClientError(f"{detail} (HTTP {r.status_code})", code=str(code))
-        if r.status_code == 204 or not r.content:
-            return None
-        return r.json()
+# The CLI's transport is the public client; re-exported for older imports.
+Client = MustClient
 
 
 def register(sub: Any) -> None:

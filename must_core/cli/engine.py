@@ -72,14 +72,33 @@ def register(sub: Any) -> None:
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_eval)
 
-    r = sub.add_parser("predict", help="top-k labels for image files")
+    r = sub.add_parser(
+        "predict",
+        help="top-k labels for image files or folders (batched)",
+        description="Predict every image in the given files/folders; --out writes JSONL or CSV.",
+    )
     r.add_argument("model", type=Path, help="adapted model (.safetensors from must adapt)")
-    r.add_argument("images", type=Path, nargs="+")
+    r.add_argument("images", type=Path, nargs="+", help="image files and/or folders (recursive)")
     r.add_argument("--top-k", type=int, default=5)
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--workers", type=int, default=0, help="decode processes (0: in process)")
+    r.add_argument(
+        "--out", type=Path, default=None, help="write rows to a .jsonl or .csv file (by suffix)"
+    )
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--device", default="cpu")
     r.add_argument("--json", action="store_true", help="print JSON instead of text")
     r.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser(
+        "export",
+        help="export an adapted model for runtimes outside Python (ONNX)",
+        description="Write MODEL as ONNX: images [N,3,H,W] (normalised) -> logits [N,K].",
+    )
+    x.add_argument("model", type=Path, help="adapted model (.safetensors from must adapt)")
+    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--output", "-o", type=Path, default=None, help="default: MODEL with .onnx")
+    x.set_defaults(func=cmd_export)
 
     lp = sub.add_parser("presets", help="list the hyperparameter presets")
     lp.set_defaults(func=cmd_presets)
@@ -262,37 +281,67 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from must_core.ml.data import load_image
     from must_core.ml.inference import AdaptedClassifier
+    from must_core.ml.predict import expand_inputs, predict_files, prediction_row
 
     _set_threads(args.threads)
     try:
         model = AdaptedClassifier.load(args.model, device=args.device)
+        paths = expand_inputs(args.images)
     except MustError as exc:
         return _fail(exc)
-    results: list[dict[str, Any]] = []
-    status = 0
-    for path in args.images:
-        try:
-            img = load_image(path)
-        except Exception as exc:
-            results.append({"image": str(path), "error": f"cannot decode: {exc}"})
-            status = 1
-            continue
-        pred = model.predict([img], top_k=args.top_k)[0]
-        results.append(
-            {"image": str(path), "label": pred.label, "score": pred.score, "top_k": pred.top_k}
+    if args.batch_size < 1 or args.top_k < 1 or args.workers < 0:
+        return _fail(InvalidConfigError("--batch-size and --top-k must be >= 1, --workers >= 0"))
+    if args.out is not None and args.out.suffix.lower() not in (".jsonl", ".csv"):
+        return _fail(InvalidConfigError(f"--out must end in .jsonl or .csv, got {args.out}"))
+    skipped: list[dict[str, Any]] = []
+    rows = [
+        prediction_row(str(path), pred)
+        for path, pred in predict_files(
+            model,
+            paths,
+            batch_size=args.batch_size,
+            top_k=args.top_k,
+            num_workers=args.workers,
+            on_skip=lambda p, why: skipped.append({"path": str(p), "error": why}),
         )
-    if args.json:
-        print(json.dumps(results, indent=2))
+    ]
+    if args.out is not None:
+        _write_rows(args.out, rows)
+        print(f"{len(rows)} predictions written to {args.out}; {len(skipped)} files skipped")
+        for s in skipped[:20]:
+            print(f"  skipped {s['path']}: {s['error']}")
+    elif args.json:
+        print(json.dumps([*rows, *skipped], indent=2))
     else:
-        for r in results:
-            if "error" in r:
-                print(f"{r['image']}: ERROR {r['error']}")
-                continue
-            tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in r["top_k"])
-            print(f"{r['image']}: {tops}")
-    return status
+        for row in rows:
+            tops = ", ".join(f"{t['label']} {t['score']:.3f}" for t in row["top_k"])
+            print(f"{row['path']}: {tops}")
+        for s in skipped:
+            print(f"{s['path']}: ERROR {s['error']}")
+    return 1 if skipped else 0
+
+
+def _write_rows(out: Path, rows: list[dict[str, Any]]) -> None:
+    from must_core.ml.predict import write_csv, write_jsonl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", encoding="utf-8", newline="") as fh:
+        (write_csv if out.suffix.lower() == ".csv" else write_jsonl)(fh, rows)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from must_core.ml.export import export_onnx
+    from must_core.ml.inference import AdaptedClassifier
+
+    out = args.output or args.model.with_suffix(".onnx")
+    try:
+        model = AdaptedClassifier.load(args.model)
+        export_onnx(model, out)
+    except MustError as exc:
+        return _fail(exc)
+    print(f"onnx: {out}")
+    return 0
 
 
 def cmd_presets(_: argparse.Namespace) -> int:

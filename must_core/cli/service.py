@@ -257,10 +257,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings.api.num_threads,
         settings.data_dir.resolve(),
     )
-    return _supervise(procs)
+    return _supervise(procs, (settings.api.host, settings.api.port))
 
 
-def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> int:
+def _accepts(address: tuple[str, int]) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(address, timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _supervise(procs: dict[str, subprocess.Popen[bytes]], address: tuple[str, int]) -> int:
+    """Wait on the children; log "ready" once the API port accepts connections."""
     stopping = False
 
     def _stop(signum: int, _: Any) -> None:
@@ -270,7 +281,15 @@ def _supervise(procs: dict[str, subprocess.Popen[bytes]]) -> int:
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
     code = 0
+    started, ready = time.monotonic(), False
     while not stopping:
+        if not ready and _accepts(address):
+            ready = True
+            _logger.info(
+                "ready: http://%s:%d accepts connections (%.1fs after start)",
+                *address,
+                time.monotonic() - started,
+            )
         for name, proc in procs.items():
             if proc.poll() is not None:
                 _logger.error("%s exited with status %s; stopping", name, proc.returncode)

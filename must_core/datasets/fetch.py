@@ -198,7 +198,7 @@ def _fetch_s3_prefix(
 
 
 # ---- http(s):// archives ---------------------------------------------------------------------------
-def _pinned_create_connection(policy: DatasetSettings) -> Callable[..., socket.socket]:
+def _pinned_create_connection(allow_private: bool) -> Callable[..., socket.socket]:
     """``socket.create_connection`` that resolves the host once, checks every answer, and connects
     to a checked address: a resolver that answers differently later (DNS rebinding) cannot
     redirect the connection."""
@@ -208,7 +208,7 @@ def _pinned_create_connection(policy: DatasetSettings) -> Callable[..., socket.s
     ) -> socket.socket:
         host, port = address
         error: OSError = OSError(f"no address for {host}")
-        for addr in check_host(host, policy.allow_private_hosts):
+        for addr in check_host(host, allow_private):
             try:
                 return socket.create_connection((addr, port), timeout, source_address)
             except OSError as exc:
@@ -219,23 +219,23 @@ def _pinned_create_connection(policy: DatasetSettings) -> Callable[..., socket.s
 
 
 class _PinnedHTTPHandler(urllib.request.HTTPHandler):
-    def __init__(self, policy: DatasetSettings) -> None:
+    def __init__(self, allow_private: bool) -> None:
         super().__init__()
-        self.policy = policy
+        self.allow_private = allow_private
 
     def http_open(self, req: Any) -> Any:
         return self.do_open(self._connection, req)
 
     def _connection(self, host: str, **kw: Any) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection(host, **kw)
-        conn._create_connection = _pinned_create_connection(self.policy)  # type: ignore[attr-defined]
+        conn._create_connection = _pinned_create_connection(self.allow_private)  # type: ignore[attr-defined]
         return conn
 
 
 class _PinnedHTTPSHandler(urllib.request.HTTPSHandler):
-    def __init__(self, policy: DatasetSettings) -> None:
+    def __init__(self, allow_private: bool) -> None:
         super().__init__()
-        self.policy = policy
+        self.allow_private = allow_private
 
     def https_open(self, req: Any) -> Any:
         return self.do_open(self._connection, req)
@@ -243,8 +243,22 @@ class _PinnedHTTPSHandler(urllib.request.HTTPSHandler):
     def _connection(self, host: str, **kw: Any) -> http.client.HTTPSConnection:
         # TLS still verifies the certificate against the host name (SNI), not the pinned address
         conn = http.client.HTTPSConnection(host, **kw)
-        conn._create_connection = _pinned_create_connection(self.policy)  # type: ignore[attr-defined]
+        conn._create_connection = _pinned_create_connection(self.allow_private)  # type: ignore[attr-defined]
         return conn
+
+
+def pinned_opener(
+    allow_private: bool, redirects: urllib.request.BaseHandler
+) -> urllib.request.OpenerDirector:
+    """The one SSRF-safe HTTP client (dataset archives, webhooks): no proxy, and every connection
+    resolves its host once, checks each address (:func:`check_host`) and connects to a checked one,
+    so DNS rebinding between the submission-time check and the connection gets nowhere."""
+    return urllib.request.build_opener(
+        urllib.request.ProxyHandler({}),  # a proxy would connect on our behalf, unchecked
+        _PinnedHTTPHandler(allow_private),
+        _PinnedHTTPSHandler(allow_private),
+        redirects,
+    )
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
@@ -263,12 +277,7 @@ def download_http(
     parsed: ParsedUri, dest: Path, policy: DatasetSettings, should_stop: StopCheck = _never
 ) -> None:
     """Stream to ``dest`` with a byte cap; every connection goes to an address checked for it."""
-    opener = urllib.request.build_opener(
-        urllib.request.ProxyHandler({}),  # a proxy would connect on our behalf, unchecked
-        _PinnedHTTPHandler(policy),
-        _PinnedHTTPSHandler(policy),
-        _CheckedRedirects(),
-    )
+    opener = pinned_opener(policy.allow_private_hosts, _CheckedRedirects())
     request = urllib.request.Request(parsed.raw, headers={"User-Agent": "must-service"})  # noqa: S310
     received = 0
     try:

@@ -29,6 +29,8 @@ class Tenant(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # signs deliveries to a job's callback_url (GET /v1/webhooks/secret); endpoints have their own
+    webhook_secret: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ApiKey(Base):
@@ -53,6 +55,7 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant_id", "created_at"),
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        Index("ix_jobs_finished_at", "finished_at"),
         # one job per (tenant, Idempotency-Key); NULL keys never collide
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_jobs_tenant_idempotency_key"),
     )
@@ -61,6 +64,8 @@ class Job(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     # queued | running | succeeded | failed | cancelled (must_core.jobs.states.JobStatus)
     status: Mapped[str] = mapped_column(String(16), default="queued")
+    # adapt (MUST adaptation) | predict (batch predictions of a model over a dataset)
+    kind: Mapped[str] = mapped_column(String(16), default="adapt", server_default="adapt")
     spec: Mapped[dict[str, Any]] = mapped_column(JsonType)  # the validated JobCreate body
     progress: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
@@ -77,6 +82,8 @@ class Job(Base):
     resumed_from_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
     worker: Mapped[str | None] = mapped_column(String(255), nullable=True)  # host:pid of the claim
     model_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True)
+    # the terminal status whose webhook events have been written to the outbox (resume: again)
+    notified_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow, onupdate=utcnow)
     enqueued_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
@@ -87,6 +94,10 @@ class Job(Base):
 
 class AdaptedModel(Base):
     __tablename__ = "adapted_models"
+    __table_args__ = (
+        # a name is a tenant's; each job naming it adds the next version
+        UniqueConstraint("tenant_id", "name", "version", name="uq_models_tenant_name_version"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     tenant_id: Mapped[uuid.UUID] = mapped_column(
@@ -101,6 +112,14 @@ class AdaptedModel(Base):
     artifact_key: Mapped[str] = mapped_column(String(1024))  # jobs/{job_id}/model/model.safetensors
     ema_artifact_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)  # of artifact_key
+    name: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)  # 1, 2, ... per name
+    # tags point at one version of a name each (setting one moves it); "latest" is implicit
+    tags: Mapped[list[str]] = mapped_column(JsonType, default=list, server_default="[]")
+    onnx_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    onnx_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    onnx_size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
 
 
@@ -151,3 +170,45 @@ class ModelSample(Base):
     path: Mapped[str] = mapped_column(Text)  # relative to the dataset root
     score: Mapped[float] = mapped_column(Float)
     thumbnail: Mapped[str] = mapped_column(Text)  # data:image/jpeg;base64,...
+
+
+class WebhookEndpoint(Base):
+    """A tenant's registered receiver of job events."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(64))  # HMAC key; shown once, at creation
+    events: Mapped[list[str]] = mapped_column(JsonType)  # e.g. ["job.succeeded", "job.failed"]
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one receiver: the outbox row, its attempts and its outcome."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    job_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, nullable=True, index=True)
+    endpoint_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"), nullable=True
+    )
+    url: Mapped[str] = mapped_column(String(2048))
+    event: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]] = mapped_column(JsonType)
+    # pending | delivered | failed
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from must_core.db.base import utcnow
 from must_core.db.models import AdaptedModel, Job, Tenant
 from must_core.errors import MustError
-from must_core.jobs.states import TERMINAL, JobStatus
+from must_core.jobs.states import RESUMABLE, TERMINAL, JobKind, JobStatus
 
 DEFAULT_TENANT = "default"
 
@@ -57,10 +57,12 @@ def create_job(
     tenant_id: uuid.UUID,
     spec: dict[str, Any],
     idempotency_key: str | None = None,
+    kind: JobKind = JobKind.ADAPT,
 ) -> Job:
     now = utcnow()
     job = Job(
         tenant_id=tenant_id,
+        kind=kind.value,
         idempotency_key=idempotency_key,
         request_hash=spec_hash(spec) if idempotency_key else None,
         status=JobStatus.QUEUED.value,
@@ -93,18 +95,22 @@ def job_for_key(
 
 
 def create_job_once(
-    session: Session, tenant_id: uuid.UUID, spec: dict[str, Any], key: str | None
+    session: Session,
+    tenant_id: uuid.UUID,
+    spec: dict[str, Any],
+    key: str | None,
+    kind: JobKind = JobKind.ADAPT,
 ) -> tuple[Job, bool]:
     """(job, created). With a key, a concurrent duplicate loses on the unique constraint and
     gets the winner's job."""
     if key is None:
-        return create_job(session, tenant_id, spec), True
+        return create_job(session, tenant_id, spec, kind=kind), True
     existing = job_for_key(session, tenant_id, key, spec)
     if existing is not None:
         return existing, False
     try:
         with session.begin_nested():
-            return create_job(session, tenant_id, spec, key), True
+            return create_job(session, tenant_id, spec, key, kind=kind), True
     except IntegrityError:
         winner = job_for_key(session, tenant_id, key, spec)
         if winner is None:
@@ -454,3 +460,111 @@ def delete_model(session: Session, model: AdaptedModel) -> None:
     session.execute(update(Job).where(Job.model_id == model.id).values(model_id=None))
     session.delete(model)
     session.flush()
+
+
+class JobNotResumableError(MustError):
+    code = "job_not_resumable"
+
+
+def resume_job(session: Session, job: Job) -> Job:
+    """failed | cancelled → queued; the next claim continues from the stored checkpoint (if any).
+
+    Conditional on the status read, so two concurrent resumes queue the job once.
+    """
+    if job.status not in RESUMABLE:
+        raise JobNotResumableError(
+            f"job {job.id} is {job.status}; only failed or cancelled jobs can be resumed"
+        )
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == job.status)
+        .values(
+            status=JobStatus.QUEUED.value,
+            cancel_requested=False,
+            error_code=None,
+            error_message=None,
+            finished_at=None,
+            enqueued_at=None,
+            updated_at=now,
+        )
+    )
+    if _rows(res) == 0:
+        session.refresh(job)
+        raise JobNotResumableError(f"job {job.id} changed state concurrently ({job.status})")
+    session.refresh(job)
+    return job
+
+
+# ---- model names, versions and tags -----------------------------------------------------------------
+class ModelNotFoundError(NotFoundError):
+    """No model for a reference (id, name, name:tag or name:VERSION) in this tenant."""
+
+
+LATEST = "latest"
+
+
+def name_model(session: Session, model: AdaptedModel, name: str | None, tags: list[str]) -> None:
+    """Give a new model the next version of ``name`` and move ``tags`` onto it.
+
+    The tenant row is locked first (PostgreSQL), so two jobs finishing together under one name get
+    distinct versions; SQLite serialises writers anyway.
+    """
+    if name is None:
+        return
+    session.execute(select(Tenant.id).where(Tenant.id == model.tenant_id).with_for_update())
+    latest = session.scalar(
+        select(func.max(AdaptedModel.version)).where(
+            AdaptedModel.tenant_id == model.tenant_id, AdaptedModel.name == name
+        )
+    )
+    model.name, model.version, model.tags = name, int(latest or 0) + 1, []
+    session.flush()
+    set_model_tags(session, model, tags)
+
+
+def set_model_tags(session: Session, model: AdaptedModel, tags: list[str]) -> None:
+    """Replace ``model``'s tags; each tag leaves any other version of the same name (one target)."""
+    if model.name is None and tags:
+        raise ModelNotNamedError("only a named model can have tags (give the job a name)")
+    wanted = sorted(set(tags))
+    others = session.scalars(
+        select(AdaptedModel).where(
+            AdaptedModel.tenant_id == model.tenant_id,
+            AdaptedModel.name == model.name,
+            AdaptedModel.id != model.id,
+        )
+    ).all()
+    for other in others:
+        if set(other.tags or []) & set(wanted):
+            other.tags = [t for t in other.tags if t not in wanted]
+    model.tags = wanted
+    session.flush()
+
+
+class ModelNotNamedError(MustError):
+    code = "model_not_named"
+
+
+def resolve_model(session: Session, tenant_id: uuid.UUID, ref: str) -> AdaptedModel:
+    """A model by id, ``name`` / ``name:latest`` (newest version), ``name:VERSION`` or ``name:TAG``."""
+    try:
+        return get_model(session, tenant_id, uuid.UUID(ref))
+    except ValueError:
+        pass
+    name, _, tag = ref.partition(":")
+    tag = tag or LATEST
+    versions = session.scalars(
+        select(AdaptedModel)
+        .where(AdaptedModel.tenant_id == tenant_id, AdaptedModel.name == name)
+        .order_by(AdaptedModel.version.desc())
+    ).all()
+    if tag == LATEST:
+        found = versions[:1]
+    elif tag.isdigit():
+        found = [m for m in versions if m.version == int(tag)]
+    else:
+        found = [m for m in versions if tag in (m.tags or [])]
+    if not found:
+        raise ModelNotFoundError(f"model {ref!r} not found")
+    return found[0]

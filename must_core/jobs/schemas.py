@@ -4,12 +4,61 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from must_core.jobs.inputs import MAX_SEED, check_json_value
-from must_core.jobs.states import JobStatus
+from must_core.jobs.states import JobKind, JobStatus
+
+# Model names and tags: no ':' (it separates name and tag) and not UUID-shaped (ids win).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+TAG_PATTERN = r"^[A-Za-z][A-Za-z0-9._-]{0,63}$"  # a letter first: numbers are versions
+_UUID_PREFIX = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-"
+
+
+def _not_uuid(name: str) -> str:
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return name
+    raise ValueError("a model name may not look like a UUID (ids and names share one namespace)")
+
+
+def _plain_tag(tag: str) -> str:
+    if tag == "latest":
+        raise ValueError("'latest' is reserved (name:latest is always the newest version)")
+    return tag
+
+
+# http(s), a host name or IPv4 address (no credentials), an optional port 1-65535, then anything
+_PORT = r"(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+WEBHOOK_URL_PATTERN = rf"^https?://[A-Za-z0-9.-]+(?::{_PORT})?(?:[/?#][!-~]*)?$"
+WebhookUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2048,
+        pattern=WEBHOOK_URL_PATTERN,
+        examples=["https://example.com/hooks/must"],
+    ),
+]
+ModelName = Annotated[
+    str,
+    Field(
+        pattern=MODEL_NAME_PATTERN,
+        examples=["shelf-photos"],
+        json_schema_extra={"not": {"pattern": _UUID_PREFIX}},
+    ),
+    AfterValidator(_not_uuid),
+]
+Tag = Annotated[
+    str,
+    Field(
+        pattern=TAG_PATTERN, examples=["production"], json_schema_extra={"not": {"const": "latest"}}
+    ),
+    AfterValidator(_plain_tag),
+]
 
 
 class _Schema(BaseModel):
@@ -44,6 +93,8 @@ class JobParams(BaseModel):
     lr: float | None = Field(None, gt=0, le=1.0)
     min_steps: int | None = Field(None, ge=0, le=10_000_000)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # after training, label every image of the job's own dataset (GET /v1/jobs/{id}/predictions)
+    predict_dataset: bool | None = None
 
 
 class JobCreate(BaseModel):
@@ -74,6 +125,12 @@ class JobCreate(BaseModel):
     base_model: BaseModelRequest = Field(default_factory=BaseModelRequest)  # type: ignore[arg-type]
     eval_dataset_uri: str | None = Field(None, max_length=4096)
     params: JobParams = Field(default_factory=JobParams)  # type: ignore[arg-type]
+    # the model's name (a tenant's namespace; each job under a name adds version N+1) and tags
+    # (each tag points at one version; "name:latest" is always the newest)
+    name: ModelName | None = None
+    tags: list[Tag] = Field(default_factory=list, max_length=20)
+    # POSTed a signed JSON event when the job ends (see docs/service.md, "Webhooks")
+    callback_url: WebhookUrl | None = None
 
     @field_validator("class_names")
     @classmethod
@@ -119,6 +176,8 @@ class JobMetrics(_Schema):
     dataset_cache: dict[str, Any] | None = None
     # label-free spot check: {"num_images", "zero_shot", "adapted", "adapted_ema"} → {class: count}
     predicted_classes: dict[str, Any] | None = None
+    # predictions jobs (and params.predict_dataset): num_images, num_predicted, num_skipped, ...
+    predictions: dict[str, Any] | None = None
 
 
 class DatasetStats(_Schema):
@@ -127,8 +186,21 @@ class DatasetStats(_Schema):
     skipped_examples: list[dict[str, str]] = Field(default_factory=list)
 
 
+class PredictionsCreate(BaseModel):
+    """A batch-predictions job: every image under ``dataset_uri`` (the same URI kinds and policy
+    as adaptation jobs) labelled by the model; results as JSONL and CSV."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_uri: str = Field(..., min_length=1, max_length=4096)
+    top_k: int = Field(5, ge=1, le=100)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    callback_url: WebhookUrl | None = None
+
+
 class JobRead(_Schema):
     id: uuid.UUID
+    kind: JobKind = JobKind.ADAPT
     status: JobStatus
     dataset_uri: str
     eval_dataset_uri: str | None
@@ -169,6 +241,65 @@ class ModelRead(_Schema):
     size_bytes: int
     created_at: datetime
     artifact_key: str
+    name: str | None = None
+    version: int | None = None
+    tags: list[str] = Field(default_factory=list)
+    sha256: str | None = None  # of the safetensors file (also the download's digest header)
+    # download formats available: safetensors always, onnx when exported, safetensors_ema
+    formats: list[str] = Field(default_factory=list)
+    onnx_size_bytes: int | None = None
+
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.cancelled"]
+ALL_EVENTS: list[WebhookEvent] = ["job.succeeded", "job.failed", "job.cancelled"]
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: WebhookUrl
+    events: list[WebhookEvent] = Field(default_factory=lambda: list(ALL_EVENTS), min_length=1)
+
+
+class WebhookRead(_Schema):
+    id: uuid.UUID
+    url: str
+    events: list[str]
+    created_at: datetime
+    secret: str | None = Field(None, description="the HMAC key; returned only when created")
+
+
+class WebhookList(BaseModel):
+    items: list[WebhookRead]
+
+
+class WebhookSecret(BaseModel):
+    secret: str = Field(description="signs deliveries to jobs' callback_url")
+
+
+class DeliveryRead(_Schema):
+    id: uuid.UUID
+    job_id: uuid.UUID | None
+    endpoint_id: uuid.UUID | None
+    url: str
+    event: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class DeliveryList(BaseModel):
+    items: list[DeliveryRead]
+
+
+class ModelTagsUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tags: list[Tag] = Field(..., max_length=20)
 
 
 class ModelList(BaseModel):

@@ -1,7 +1,8 @@
 """Job statuses and the allowed transitions.
 
 queued ──claim──▶ running ──▶ succeeded | failed | cancelled
-  │                 │
+  │                 │                           │        │
+  │                 │                           └─resume─┴──▶ queued   (POST /v1/jobs/{id}/resume)
   │                 └─(worker lost: stale heartbeat, attempts left)──▶ queued   (resumes from checkpoint)
   └─cancel──▶ cancelled
 """
@@ -19,6 +20,13 @@ class JobStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+class JobKind(StrEnum):
+    ADAPT = "adapt"  # MUST adaptation of a base model; produces a model
+    PREDICT = "predict"  # batch predictions of an adapted model over a dataset; produces files
+
+
+RESUMABLE = frozenset({JobStatus.FAILED, JobStatus.CANCELLED})
+
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
@@ -27,8 +35,8 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
         {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
     ),
     JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset(),
-    JobStatus.CANCELLED: frozenset(),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),  # resume
+    JobStatus.CANCELLED: frozenset({JobStatus.QUEUED}),  # resume
 }
 
 

@@ -9,9 +9,11 @@ from typing import Any
 
 from must_core.datasets.errors import UriPolicyError
 from must_core.datasets.uris import Kind, check_local_dir, validate_uri
+from must_core.db.models import AdaptedModel
 from must_core.errors import InvalidConfigError
-from must_core.jobs.schemas import JobCreate
+from must_core.jobs.schemas import JobCreate, PredictionsCreate
 from must_core.settings import Settings
+from must_core.webhooks.urls import validate_webhook_url
 
 # Whether the caller's tenant owns a job id (artifact-bucket URIs are readable under own jobs only).
 OwnsJob = Callable[[uuid.UUID], bool]
@@ -64,6 +66,8 @@ def validate_job(body: JobCreate, settings: Settings, owns_job: OwnsJob) -> dict
     if body.eval_dataset_uri:
         validate_request_uri(body.eval_dataset_uri, settings, owns_job, "dir")
     validate_base_model(body.base_model.model_dump(), settings, owns_job)
+    if body.callback_url:
+        validate_webhook_url(body.callback_url, settings.webhooks)
     if len(body.class_names) > settings.api.max_class_names:
         raise InvalidConfigError(f"at most {settings.api.max_class_names} class names")
     if body.templates and len(body.templates) > settings.api.max_templates:
@@ -75,7 +79,8 @@ def validate_job(body: JobCreate, settings: Settings, owns_job: OwnsJob) -> dict
         raise InvalidConfigError(f"params {reserved} are set by the server, not per job")
     from must_core.ml.config import batch_layout, make_config  # pydantic only; no torch import
 
-    overrides = {k: v for k, v in params.items() if k != "preset"}
+    # not engine hyperparameters: the preset name and what to do after training
+    overrides = {k: v for k, v in params.items() if k not in ("preset", "predict_dataset")}
     cfg = make_config(params.get("preset"), **overrides)
     if cfg.num_processes > settings.api.max_processes_per_job:
         raise InvalidConfigError(
@@ -84,3 +89,20 @@ def validate_job(body: JobCreate, settings: Settings, owns_job: OwnsJob) -> dict
         )
     batch_layout(cfg.batch_size, cfg.num_processes, cfg.micro_batch_size)  # the split must divide
     return body.model_dump(mode="json", exclude_none=True)
+
+
+def validate_predictions(
+    body: PredictionsCreate, model: AdaptedModel, settings: Settings, owns_job: OwnsJob
+) -> dict[str, Any]:
+    """The spec of a predictions job: the dataset URI under the jobs' policy, plus what the worker
+    needs of the model (its artifact and classes) so the job does not depend on the model row."""
+    validate_request_uri(body.dataset_uri, settings, owns_job, "dir")
+    if body.callback_url:
+        validate_webhook_url(body.callback_url, settings.webhooks)
+    return {
+        **body.model_dump(mode="json", exclude_none=True),
+        "model_id": str(model.id),
+        "artifact_key": model.artifact_key,
+        "class_names": list(model.class_names),
+        "base_model": dict(model.base_model or {}),
+    }

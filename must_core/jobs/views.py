@@ -11,7 +11,7 @@ from must_core.jobs.schemas import (
     ModelRead,
     Progress,
 )
-from must_core.jobs.states import JobStatus
+from must_core.jobs.states import JobKind, JobStatus
 
 EVAL_KEYS = ("zero_shot", "adapted", "adapted_ema", "eval_num_images", "eval_num_skipped")
 
@@ -23,6 +23,7 @@ def job_view(job: Job) -> JobRead:
     stats = job.dataset_stats or {}
     return JobRead(
         id=job.id,
+        kind=JobKind(job.kind or JobKind.ADAPT),
         status=JobStatus(job.status),
         dataset_uri=spec.get("dataset_uri", ""),
         eval_dataset_uri=spec.get("eval_dataset_uri"),
@@ -36,6 +37,7 @@ def job_view(job: Job) -> JobRead:
             eval=evals or None,
             dataset_cache=metrics.get("dataset_cache"),
             predicted_classes=metrics.get("predicted_classes"),
+            predictions=metrics.get("predictions"),
         ),
         dataset=DatasetStats.model_validate(stats),
         model_id=job.model_id,
@@ -55,5 +57,17 @@ def job_view(job: Job) -> JobRead:
     )
 
 
+def model_formats(model: AdaptedModel) -> list[str]:
+    formats = ["safetensors"]
+    if model.onnx_key:
+        formats.append("onnx")
+    if model.ema_artifact_key:
+        formats.append("safetensors_ema")
+    return formats
+
+
 def model_view(model: AdaptedModel) -> ModelRead:
-    return ModelRead.model_validate(model)
+    view = ModelRead.model_validate(model)
+    view.tags = list(model.tags or [])
+    view.formats = model_formats(model)
+    return view

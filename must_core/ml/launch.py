@@ -60,6 +60,13 @@ class LaunchSpec:
     eval_dir: str | None = None
     resume: bool = True
     prepared_cache: str | None = None  # see adapt(prepared_cache=...)
+    # adapt: train (then optionally predict over images_dir); predict: only predictions of model_path
+    task: str = "adapt"
+    model_path: str | None = None  # predict: the adapted classifier to run
+    export_onnx: bool = False  # adapt: also write model.onnx next to the model
+    # predictions (task predict, or adapt with params.predict_dataset): top_k, batch_size,
+    # num_workers, device, num_threads, checkpoint_every, resume_rows
+    predict: dict[str, Any] | None = None
 
     def write(self, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -112,12 +119,20 @@ class _EventLog:
 
 
 def run(run_dir: Path) -> None:
-    """Train one rank of the job described in ``run_dir`` (see the module docstring)."""
+    """Run the job described in ``run_dir`` (see the module docstring)."""
+    spec = LaunchSpec.read(run_dir)
+    if spec.task == "predict":
+        _run_predict(run_dir, spec)
+    else:
+        _run_adapt(run_dir, spec)
+
+
+def _run_adapt(run_dir: Path, spec: LaunchSpec) -> None:
+    """Train one rank; rank 0 then exports ONNX and predicts over the dataset when asked."""
     from must_core.ml.config import BaseModelSpec, MustConfig
     from must_core.ml.distributed import destroy_process_group, from_environment, init_process_group
     from must_core.ml.train import adapt, select_device
 
-    spec = LaunchSpec.read(run_dir)
     cfg = MustConfig(**spec.config)
     ctx = from_environment()
     init_process_group(ctx, select_device(cfg))
@@ -140,11 +155,78 @@ def run(run_dir: Path) -> None:
             dist=ctx,
         )
         if log is not None:
-            _write_json(run_dir / RESULT_FILE, _result_dict(result))
+            out = _result_dict(result)
+            if result.status == "completed" and result.model_path is not None:
+                out.update(_after_adapt(run_dir, spec, Path(result.model_path), log))
+            _write_json(run_dir / RESULT_FILE, out)
     finally:
         if log is not None:
             log.close()
         destroy_process_group()
+
+
+def _after_adapt(
+    run_dir: Path, spec: LaunchSpec, model_path: Path, log: _EventLog
+) -> dict[str, Any]:
+    """The ONNX export (a failure is reported, not fatal) and the dataset's predictions."""
+    out: dict[str, Any] = {}
+    if spec.export_onnx:
+        from must_core.errors import MustError
+        from must_core.ml.export import export_onnx
+        from must_core.ml.inference import AdaptedClassifier
+
+        try:
+            out["onnx_path"] = str(
+                export_onnx(AdaptedClassifier.load(model_path), model_path.with_suffix(".onnx"))
+            )
+        except MustError as exc:
+            _logger.warning("ONNX export failed (the model is kept): %s", exc.message)
+            out["onnx_error"] = exc.message
+    if spec.predict is not None:
+        # no progress/checkpoint events: the job's progress and checkpoint are the training's
+        out["predictions"] = _predict(run_dir, spec, model_path, None)
+    return out
+
+
+def _run_predict(run_dir: Path, spec: LaunchSpec) -> None:
+    log = _EventLog(run_dir)
+    try:
+        assert spec.model_path is not None
+        result = _predict(run_dir, spec, Path(spec.model_path), log)
+        _write_json(run_dir / RESULT_FILE, {"status": result["status"], "predictions": result})
+    finally:
+        log.close()
+
+
+def _predict(
+    run_dir: Path, spec: LaunchSpec, model_path: Path, log: _EventLog | None
+) -> dict[str, Any]:
+    """Predictions of ``model_path`` over ``spec.images_dir`` into ``output_dir/predictions``."""
+    import torch
+
+    from must_core.ml.inference import AdaptedClassifier
+    from must_core.ml.predict import run_predictions
+
+    opts = spec.predict or {}
+    torch.set_num_threads(int(opts.get("num_threads") or 1))
+    device = str(opts.get("device") or "cpu")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    resume = opts.get("resume_rows")
+    run = run_predictions(
+        AdaptedClassifier.load(model_path, device=device),
+        Path(spec.images_dir),
+        Path(spec.output_dir) / "predictions",
+        top_k=int(opts.get("top_k") or 5),
+        batch_size=int(opts.get("batch_size") or 64),
+        num_workers=int(opts.get("num_workers") or 0),
+        resume_rows=Path(resume) if resume else None,
+        on_progress=(lambda e: log.emit({"type": "progress", **e})) if log else None,
+        should_stop=(run_dir / STOP_FILE).exists,
+        on_checkpoint=log.checkpoint if log else None,
+        checkpoint_every=int(opts.get("checkpoint_every") or 1000),
+    )
+    return asdict(run)
 
 
 def _result_dict(result: Any) -> dict[str, Any]:

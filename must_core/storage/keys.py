@@ -22,6 +22,15 @@ def model_key(job_id: uuid.UUID | str, ema: bool = False) -> str:
     return f"jobs/{job_id}/model/{name}"
 
 
+def onnx_key(job_id: uuid.UUID | str) -> str:
+    return f"jobs/{job_id}/model/model.onnx"
+
+
+def predictions_key(job_id: uuid.UUID | str, fmt: str) -> str:
+    """``fmt``: jsonl | csv."""
+    return f"jobs/{job_id}/predictions/predictions.{fmt}"
+
+
 def model_prefix(job_id: uuid.UUID | str) -> str:
     return f"jobs/{job_id}/model/"
 

@@ -199,6 +199,10 @@ def service_env(
             "MUST_WORKER__SWEEP_INTERVAL_S": "2",
             "MUST_WORKER__WORK_DIR": str(tmp_root / "work"),
             "MUST_LOG_LEVEL": "INFO",
+            # webhook receivers in the tests listen on 127.0.0.1 (the SSRF guard is unit-tested)
+            "MUST_WEBHOOKS__ALLOW_PRIVATE_HOSTS": "true",
+            "MUST_WEBHOOKS__BACKOFF_BASE_S": "0.5",
+            "MUST_WEBHOOKS__TIMEOUT_S": "3",
         }
     )
     return env

@@ -96,6 +96,7 @@ def test_must_serve_embedded_flow(tmp_path: Path, archive_url: str) -> None:
 
         wait_for(ready, 120, 0.5, what="must serve ready")
         wait_for(lambda: "ready." in serve.log(), 60, what="embedded worker ready")
+        wait_for(lambda: "accepts connections" in serve.log(), 10, what="must serve logs ready")
         with httpx.Client(base_url=base, timeout=30) as c:
             r = c.post(
                 "/v1/jobs",

@@ -39,7 +39,9 @@ def test_state_machine() -> None:
     assert can_transition("queued", "running")
     assert can_transition("running", "queued")  # worker lost → resume
     assert not can_transition("succeeded", "running")
-    assert not can_transition("cancelled", "queued")
+    assert can_transition("cancelled", "queued")  # POST /v1/jobs/{id}/resume
+    assert not can_transition("succeeded", "queued")
+    assert not can_transition("cancelled", "running")
     assert {s.value for s in JobStatus} == {"queued", "running", "succeeded", "failed", "cancelled"}
 
 

@@ -1,0 +1,1 @@
+"""Webhooks: signed job events delivered from a database outbox (see :mod:`.outbox`)."""
