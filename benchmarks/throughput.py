@@ -169,7 +169,7 @@ def stop():
 kw = {"prepared_cache": Path(cache)} if cache != "-" else {}
 adapt(make_config(batch_size=64, epochs=1, num_workers=0, num_threads=1, export_ema=False),
       images_dir=Path(images), class_names=["a", "b", "c"], output_dir=Path(out),
-      base_model=BaseModelSpec(arch="must-tiny", config=config), resume=False, should_stop=stop, **kw)
+      base_model=BaseModelSpec(arch="must-tiny", config=config, allow_random_init=True), resume=False, should_stop=stop, **kw)
 print(json.dumps({"startup_s": first["t"] - t0}))
 """
 

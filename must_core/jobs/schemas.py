@@ -26,6 +26,8 @@ class BaseModelRequest(BaseModel):
     config_uri: str | None = Field(None, max_length=4096)
     checkpoint_uri: str | None = Field(None, max_length=4096)
     force_quick_gelu: bool | None = None
+    # No tag, checkpoint or local-dir folder means random weights: refused (422) unless this is true.
+    allow_random_init: bool = False
 
 
 class JobParams(BaseModel):
