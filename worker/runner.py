@@ -76,6 +76,7 @@ class _Attempt:
     uploaded_prepared: set[str] = field(default_factory=set)
     prepared_upload: threading.Thread | None = None
     seen_progress: bool = False  # the trainer has reported a step (it has state worth saving)
+    health: dict[str, Any] | None = None  # the trainer's latest label-free health entry
 
 
 class JobRunner:
@@ -309,6 +310,8 @@ class JobRunner:
                 uploader.submit(Path(event["path"]), int(event["step"]))
             elif event["type"] == "progress":
                 self._on_progress(state, event)
+            elif event["type"] == "health":  # shown with the next progress write
+                state.health = {k: v for k, v in event.items() if k != "type"}
 
     def _on_progress(self, state: _Attempt, event: dict[str, Any]) -> None:
         state.seen_progress = True
@@ -320,7 +323,10 @@ class JobRunner:
         ):
             return
         state.last_progress_write = now
-        self._write(state, progress=_progress(event), metrics=_train_metrics(event))
+        metrics = _train_metrics(event)
+        if state.health is not None:
+            metrics["health"] = state.health
+        self._write(state, progress=_progress(event), metrics=metrics)
 
     def _upload_checkpoint(self, state: _Attempt, path: Path) -> None:
         if state.lost.is_set():  # another attempt owns the job: never overwrite its checkpoint

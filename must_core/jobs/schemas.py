@@ -118,6 +118,18 @@ class JobMetrics(_Schema):
     )
     # the prepared-dataset cache: {"prepared", "key" (content key), "reused", "prepare_seconds", ...}
     dataset_cache: dict[str, Any] | None = None
+    # label-free run health, latest interval (docs/algorithm.md, "Run health"): pred_entropy,
+    # entropy_ratio, max_class_share, confident_ratio, agree_zero_shot, agree_teacher, class_counts
+    health: dict[str, Any] | None = None
+    # which weights are served as the model: {"weights": student|ema|zero_shot, "reason"}
+    served_model: dict[str, Any] | None = None
+    # the strong-view recipe chosen without labels and the agreements it was chosen from
+    augmentation: dict[str, Any] | None = None
+
+
+class JobWarning(_Schema):
+    code: str  # "collapsed" | "degraded"
+    message: str
 
 
 class DatasetStats(_Schema):
@@ -140,6 +152,8 @@ class JobRead(_Schema):
     dataset: DatasetStats
     model_id: uuid.UUID | None
     error: JobError | None
+    # set when the label-free health rule flags the finished run (the job still succeeds)
+    warnings: list[JobWarning] = Field(default_factory=list)
     attempt: int
     transient_retries: int = 0  # claims released after a transient error (not worker deaths)
     cancel_requested: bool

@@ -35,7 +35,11 @@ def job_view(job: Job) -> JobRead:
             train=metrics.get("train"),
             eval=evals or None,
             dataset_cache=metrics.get("dataset_cache"),
+            health=metrics.get("health"),
+            served_model=metrics.get("served_model"),
+            augmentation=metrics.get("augmentation"),
         ),
+        warnings=list(metrics.get("warnings") or []),
         dataset=DatasetStats.model_validate(stats),
         model_id=job.model_id,
         error=JobError(code=job.error_code, message=job.error_message or "")
