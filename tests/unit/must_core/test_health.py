@@ -63,7 +63,9 @@ def test_forced_collapse_is_flagged_and_not_served(
     codes = {w["code"] for w in res.metrics["warnings"]}
     assert "collapsed" in codes, res.metrics["health"]
     assert res.metrics["health"]["max_class_share"] > 0.5
-    assert res.metrics["served_model"]["weights"] == "zero_shot", res.metrics["health"]["zero_shot_entropy_ratio"]
+    assert res.metrics["served_model"]["weights"] == "zero_shot", res.metrics["health"][
+        "zero_shot_entropy_ratio"
+    ]
     # one health event per interval (steps 10, 20) and the final one (30), all in metrics.json
     assert [e["step"] for e in events] == [10, 20, 30]
     assert all(e["kind"] == "health" and set(e["class_counts"]) == set(CLASSES) for e in events)
