@@ -137,8 +137,10 @@ class MustConfig(BaseModel):
     # teacher labels the whole image. Generic default (0.8, 1); presets keep (0.3, 1). Deviation.
     strong_crop_scale: tuple[float, float] = (0.8, 1.0)
     # Probability of a horizontal flip of the student's view (the reference: 0.5). Classes that a
-    # mirror changes (digits, letters, traffic signs, left/right) need 0.
-    strong_hflip: float = Field(0.5, ge=0, le=1)
+    # mirror changes (digits, letters, traffic signs, left/right) need 0. "auto": 0.5 unless the
+    # zero-shot model's predictions on mirrored unlabeled images disagree with those on the
+    # originals much more than under a small shift (must_core.ml.augment; needs probe_samples > 0).
+    strong_hflip: float | Literal["auto"] = "auto"
 
     # --- runtime --------------------------------------------------------------------------
     seed: int = 0
@@ -181,6 +183,8 @@ class MustConfig(BaseModel):
             raise ValueError("strong_crop_scale must satisfy 0 < lo <= hi <= 1")
         if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
             raise ValueError("betas must lie in [0, 1)")
+        if self.strong_hflip != "auto" and not 0 <= float(self.strong_hflip) <= 1:
+            raise ValueError("strong_hflip must be 'auto' or lie in [0, 1]")
         return self
 
 
@@ -239,6 +243,7 @@ _REF_COMMON: dict[str, Any] = {
     "strong_crop_scale": (0.3, 1.0),
     "ema_horizon": 0.0,
     "fair_marginal": "reference",
+    "strong_hflip": 0.5,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -33,6 +33,7 @@ from must_core.errors import (
 )
 from must_core.fsutil import atomic_write
 from must_core.ml import checkpoint as ckpt
+from must_core.ml.augment import choose_hflip
 from must_core.ml.config import (
     BaseModelSpec,
     MustConfig,
@@ -274,6 +275,7 @@ class TrainRun:
     eval_items: list[tuple[Path, int]] | None = None
     resumed_from_step: int | None = None
     probe: Probe | None = None  # label-free health probe (None: probe_samples = 0)
+    hflip: float = 0.5  # the student view's flip probability (resolved from cfg.strong_hflip)
     health: list[dict[str, Any]] = field(default_factory=list)  # one entry per health interval
     zero_shot_state: dict[str, torch.Tensor] | None = None  # CPU copy, for served_model
     _pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -435,6 +437,7 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
     amp_dtype = autocast_dtype(cfg, device)
     # Before any update (and before a resume loads trained weights): the zero-shot reference.
     probe = _build_probe(cfg, model, prepared or scan.files, preprocess, device, amp_dtype)
+    augmentation = _choose_augmentation(cfg, model, probe, device, amp_dtype)
     zero_shot_state = (
         {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if cfg.served_model in ("auto", "zero_shot") and dist.is_main
@@ -487,6 +490,8 @@ def prepare(cfg: MustConfig, inputs: RunInputs, dist: DistContext, hooks: RunHoo
         prepared=prepared,
         data_stats=data_stats,
         probe=probe,
+        hflip=augmentation["hflip"],
+        metrics={"augmentation": augmentation},
         zero_shot_state=zero_shot_state,
         fair_prior=_fair_prior(cfg, probe, inputs.class_names, device),
     )
@@ -516,6 +521,30 @@ def _build_probe(
         model, x, device, cfg.eval_batch_size, lambda: _autocast(device, amp_dtype)
     )
     return Probe(x=x, zero_shot_probs=probs, images=images)
+
+
+def _choose_augmentation(
+    cfg: MustConfig,
+    model: MustModel,
+    probe: Probe | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """The student view's recipe: explicit values, or the label-free flip rule for "auto"."""
+    recipe: dict[str, Any] = {
+        "crop_scale": list(cfg.strong_crop_scale),
+        "randaug_num_ops": cfg.randaug_num_ops,
+        "randaug_magnitude": cfg.randaug_magnitude,
+    }
+    if cfg.strong_hflip != "auto":
+        return {**recipe, "hflip": float(cfg.strong_hflip), "chosen_by": "config"}
+    if probe is None:
+        return {**recipe, "hflip": 0.5, "chosen_by": "default (no probe images)"}
+    chosen = choose_hflip(
+        probe, model, device, cfg.eval_batch_size, lambda: _autocast(device, amp_dtype)
+    )
+    _logger.info("augmentation: %s", chosen)
+    return {**recipe, **chosen, "chosen_by": "zero-shot agreement on the unlabeled data"}
 
 
 def _fair_prior(
@@ -684,6 +713,7 @@ def _make_loader(run: TrainRun) -> DataLoader[Any]:
             cfg.randaug_num_ops,
             cfg.randaug_magnitude,
             cfg.randaug_magnitude_std,
+            hflip=run.hflip,
         ),
         run.masks,
         seed=cfg.seed,
