@@ -37,6 +37,8 @@ from PIL import Image
 _logger = logging.getLogger(__name__)
 
 COLLAPSE_ENTROPY_RATIO = 0.5
+# Warning codes in a job's ``warnings`` (not errors: the job succeeds).
+COLLAPSED, DEGRADED = "collapsed", "degraded"
 DEGRADED_ENTROPY_DROP = 0.2  # in units of log K
 
 
@@ -148,6 +150,10 @@ def snapshot(
     }
 
 
+def _warning(kind: str, message: str) -> dict[str, str]:
+    return {"code": kind, "message": message}
+
+
 def health_warnings(
     entry: dict[str, Any], num_classes: int, which: str = "student"
 ) -> list[dict[str, str]]:
@@ -158,25 +164,25 @@ def health_warnings(
     top_limit = max(0.5, 2.0 / k)
     if ratio < COLLAPSE_ENTROPY_RATIO or (k >= 3 and top > top_limit):
         out.append(
-            {
-                "code": "collapsed",
-                "message": (
+            _warning(
+                COLLAPSED,
+                (
                     f"the {which}'s predictions on the unlabeled images concentrate on few classes "
                     f"(entropy {ratio:.0%} of the prior's, largest class {top:.0%} of predictions); "
                     "the adapted model is likely worse than zero-shot"
                 ),
-            }
+            )
         )
     drop = float(entry["zero_shot_pred_entropy"]) - float(entry["pred_entropy"])
     if not out and drop > DEGRADED_ENTROPY_DROP * math.log(k):
         out.append(
-            {
-                "code": "degraded",
-                "message": (
+            _warning(
+                DEGRADED,
+                (
                     f"the {which}'s predictions are markedly less spread over the classes than "
                     f"zero-shot's (entropy {entry['pred_entropy']:.2f} vs {entry['zero_shot_pred_entropy']:.2f} "
                     "nats): a few classes took over"
                 ),
-            }
+            )
         )
     return out
