@@ -258,10 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     t_all = time.monotonic()
 
-    from benchmarks.shift.pretrain import pretrain
+    from benchmarks.shift.pretrain import SUITE_STAGES, pretrain
     from must_core.ml.config import BaseModelSpec, make_config
 
-    info = pretrain(args.cache / "model", log=_log)
+    info = pretrain(args.cache / "model", log=_log, stages=SUITE_STAGES)
     base = BaseModelSpec(arch=f"local-dir:{Path(info['path']).resolve()}")
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     result: dict[str, Any] = {"benchmarks": dict(previous.get("benchmarks", {}))}

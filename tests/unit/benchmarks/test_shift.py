@@ -174,3 +174,24 @@ def test_diagnostics_helpers() -> None:
     )
     assert knn(feats, y) == 100.0
     assert linear_probe(feats, y) == 100.0
+
+
+def test_suite_domains_and_data(tmp_path: Path) -> None:
+    import dataclasses
+
+    from benchmarks.shift.suite import DOMAINS, VARIANTS, WHERE_CLASSES, write_domain
+    from must_core.ml.config import make_config
+
+    assert len(WHERE_CLASSES) == 80 and DOMAINS["where80"].flip_changes_class
+    assert DOMAINS["shapes10_imbalanced"].imbalance_ratio == 10.0
+    for overrides in VARIANTS.values():
+        make_config(**overrides)  # every variant is a valid config
+    small = dataclasses.replace(DOMAINS["shapes10_imbalanced"], n_adapt=20, n_val=110, n_test=30)
+    splits = write_domain(tmp_path / "imb", small)
+    counts = sorted(len(list(d.iterdir())) for d in splits["val"].iterdir())
+    assert counts[-1] / counts[0] >= 8  # about 10:1 between the most and least frequent class
+    assert abs(len(list(splits["adapt"].iterdir())) - 20) <= 1  # flat, unlabeled (rounded counts)
+    where = dataclasses.replace(DOMAINS["where80"], n_adapt=4, n_val=40, n_test=4)
+    splits = write_domain(tmp_path / "where", where)
+    names = {d.name for d in splits["val"].iterdir()}
+    assert names <= set(WHERE_CLASSES) and any("left" in n for n in names)
