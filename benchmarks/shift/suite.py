@@ -245,6 +245,68 @@ def _summary(runs: list[dict[str, Any]], zero_shot_test: float) -> dict[str, Any
     }
 
 
+HEADING = "## Shift suite: defaults across several target domains (`benchmarks/shift/suite.py`)"
+
+
+def _cells(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The suite's section of docs/benchmarks.md (numbers from shift_suite.json only)."""
+    lines = [
+        HEADING,
+        "",
+        "Generated from `docs/benchmarks/shift_suite.json` by `python -m benchmarks.shift.suite` "
+        "(the prose around the tables is in docs/benchmarks.md's text below them). Top-1 % on each "
+        "domain's **test** split (touched once, after the defaults were fixed), the validation split "
+        'in brackets; `served` is what `served_model="auto"` would serve; seeds as listed.',
+        "",
+    ]
+    for name, b in result["benchmarks"].items():
+        zs = b["zero_shot"]
+        lines += [
+            f"### {name}: {b['num_classes']} classes, imbalance {b['imbalance_ratio']:g}:1"
+            + (", a flip changes the class" if b.get("flip_changes_class") else ""),
+            "",
+            f"Zero-shot: test {zs['top1']:.2f} (mean-per-class {zs['mean_per_class']:.2f}), "
+            f"val {zs['val_top1']:.2f}.",
+            "",
+            "| run | seeds | steps | test top-1 per seed | mean-per-class | EMA test | val top-1 | vs zero-shot | "
+            "served | warnings |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for v, r in b["runs"].items():
+            gain = r["top1_mean"] - zs["top1"]
+            lines.append(
+                f"| {v} | {r['seeds']} | {r['steps']} | {_cells(r['top1_per_seed'])} | "
+                f"{r['mean_per_class_mean']:.2f} | {_cells(r['ema_top1_per_seed'])} | "
+                f"{_cells(r['val_top1_per_seed'])} | {gain:+.2f} | {r['served_per_seed']} | "
+                f"{r['warnings_per_seed']} |"
+            )
+        aug = next(
+            (r.get("augmentation") for r in b["runs"].values() if r.get("augmentation")), None
+        )
+        if aug and "flip_agreement" in aug:
+            lines += [
+                "",
+                f"Label-free flip rule (default run): flip agreement {aug['flip_agreement']:.3f}, "
+                f"shift agreement {aug['shift_agreement']:.3f} → flip p = {aug['hflip']}.",
+            ]
+        lines.append("")
+    lines.append(f"Suite wall time of the last invocation: {result['wall_seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def splice(existing: str, section: str) -> str:
+    """Replace only this section of docs/benchmarks.md (or append it)."""
+    if HEADING not in existing:
+        return existing.rstrip("\n") + "\n\n" + section
+    start = existing.index(HEADING)
+    nxt = existing.find("\n## ", start + len(HEADING))
+    return existing[:start] + section + ("" if nxt < 0 else existing[nxt:])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cache", type=Path, default=Path(".cache/shift"))
@@ -252,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/shift_suite.json"))
+    ap.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"))
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -331,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
-        _log(f"wrote {args.out}; {total:.0f}s")
+        md = Path(args.markdown)
+        md.write_text(splice(md.read_text() if md.exists() else "", markdown(result)))
+        _log(f"wrote {args.out} and {md}; {total:.0f}s")
     return 0
 
 
