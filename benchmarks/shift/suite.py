@@ -258,9 +258,9 @@ def markdown(result: dict[str, Any]) -> str:
         HEADING,
         "",
         "Generated from `docs/benchmarks/shift_suite.json` by `python -m benchmarks.shift.suite` "
-        "(the prose around the tables is in docs/benchmarks.md's text below them). Top-1 % on each "
-        "domain's **test** split (touched once, after the defaults were fixed), the validation split "
-        'in brackets; `served` is what `served_model="auto"` would serve; seeds as listed.',
+        "(what the numbers say: the next section). Top-1 % on each domain's **test** split "
+        "(scored once per run, never used for a choice) and on its validation split; `served` is "
+        'what `served_model="auto"` chose; `warnings` the health rule\'s flags; seeds as listed.',
         "",
     ]
     for name, b in result["benchmarks"].items():
