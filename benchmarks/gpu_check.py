@@ -156,7 +156,7 @@ def _job(work: Path, timeout_s: float) -> dict[str, Any]:
             body = {
                 "dataset_uri": f"file://{data}",
                 "class_names": [f"class {i}" for i in range(100)],
-                "base_model": {"arch": "ViT-B-16"},
+                "base_model": {"arch": "ViT-B-16", "allow_random_init": True},
                 "params": {"epochs": 1, "batch_size": 64},
             }
             t0 = time.monotonic()

@@ -183,7 +183,7 @@ def stop():  # polled before every step: the second poll comes when the first st
     return len(polls) > 1
 adapt(make_config(batch_size=64, epochs=1, num_workers=0, num_threads=1, export_ema=False),
       images_dir=Path(images), class_names=["a", "b", "c"], output_dir=Path(out),
-      base_model=BaseModelSpec(arch="must-tiny", config=config), resume=False, should_stop=stop, **kw)
+      base_model=BaseModelSpec(arch="must-tiny", config=config, allow_random_init=True), resume=False, should_stop=stop, **kw)
 print(json.dumps({"startup_s": polls[1] - t0}))
 """
 

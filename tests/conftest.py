@@ -27,7 +27,7 @@ def _torch_threads() -> None:
 def tiny_spec():  # type: ignore[no-untyped-def]
     from must_core.ml.config import BaseModelSpec
 
-    return BaseModelSpec(arch=TINY_ARCH, config=str(TINY_CONFIG))
+    return BaseModelSpec(arch=TINY_ARCH, config=str(TINY_CONFIG), allow_random_init=True)
 
 
 def write_images(

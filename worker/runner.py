@@ -85,6 +85,7 @@ class _Attempt:
     seen_progress: bool = False  # the trainer has reported a step (it has state worth saving)
     log: JobLogCapture | None = None
     kind: str = "adapt"  # adapt | predict (must_core.jobs.states.JobKind)
+    health: dict[str, Any] | None = None  # the trainer's latest label-free health entry
 
 
 class JobRunner:
@@ -381,6 +382,8 @@ class JobRunner:
                 uploader.submit(Path(event["path"]), int(event["step"]))
             elif event["type"] == "progress":
                 self._on_progress(state, event)
+            elif event["type"] == "health":  # shown with the next progress write
+                state.health = {k: v for k, v in event.items() if k != "type"}
 
     def _on_progress(self, state: _Attempt, event: dict[str, Any]) -> None:
         state.seen_progress = True
@@ -393,7 +396,10 @@ class JobRunner:
             return
         state.last_progress_write = now
         if "losses" in event:
-            self._write(state, progress=_progress(event), metrics=_train_metrics(event))
+            metrics = _train_metrics(event)
+            if state.health is not None:
+                metrics["health"] = state.health
+            self._write(state, progress=_progress(event), metrics=metrics)
         else:  # a predictions job: progress counts files
             self._write(state, progress=_progress(event))
 

@@ -266,9 +266,16 @@ def render_target(
     rng: np.random.Generator, label: int, style: TargetStyle | None = None
 ) -> Image.Image:
     """One target image: a hatched or solid shape on textured clutter, blurred and noisy."""
+    return render_target_placed(rng, label, style)[0]
+
+
+def render_target_placed(
+    rng: np.random.Generator, label: int, style: TargetStyle | None = None
+) -> tuple[Image.Image, str, str]:
+    """:func:`render_target` plus where the shape landed: (image, size word, position words)."""
     st = style or TargetStyle()
     name = CLASSES[label]
-    cx, cy, r, rot, _, _ = _place(rng)
+    cx, cy, r, rot, size, pos = _place(rng)
     arr = _texture(rng, *st.bg)
     # Distractor strokes: random line segments in mid-bright colours.
     clutter = Image.new("L", (RENDER, RENDER), 0)
@@ -299,7 +306,7 @@ def render_target(
     noisy = np.asarray(img, np.float32) + rng.normal(
         0, rng.uniform(*st.noise), size=(IMAGE_SIZE, IMAGE_SIZE, 3)
     )
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)), size, pos
 
 
 def style_key(style: TargetStyle | None = None) -> str:

@@ -51,6 +51,9 @@ def register(sub: Any) -> None:
     s.add_argument("--pretrained", default=None, help="open_clip pretrained tag")
     s.add_argument("--config-uri", default=None, help="custom open_clip config JSON URI")
     s.add_argument("--checkpoint-uri", default=None, help="base checkpoint URI")
+    s.add_argument(
+        "--allow-random-init", action="store_true", help="allow a base model without weights"
+    )
     s.add_argument("--eval-uri", default=None, help="labelled eval dataset URI")
     s.add_argument("--preset", default=None)
     s.add_argument("--epochs", type=int, default=None)
@@ -180,6 +183,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
                     ("pretrained", args.pretrained),
                     ("config_uri", args.config_uri),
                     ("checkpoint_uri", args.checkpoint_uri),
+                    ("allow_random_init", args.allow_random_init),
                 )
                 if v
             },

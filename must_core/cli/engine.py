@@ -31,6 +31,11 @@ def register(sub: Any) -> None:
     p.add_argument("--checkpoint", default=None, help="local base-model checkpoint file")
     p.add_argument("--model-config", default=None, help="custom open_clip model-config JSON")
     p.add_argument(
+        "--allow-random-init",
+        action="store_true",
+        help="allow a model without weights (random init; for tests only)",
+    )
+    p.add_argument(
         "--templates",
         type=Path,
         default=None,
@@ -170,6 +175,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             pretrained=args.pretrained,
             checkpoint=args.checkpoint,
             config=args.model_config,
+            allow_random_init=args.allow_random_init,
         )
     except MustError as exc:
         return _fail(exc)

@@ -35,6 +35,7 @@ def resolve_base_model(bm: dict[str, Any], dest: Path, settings: Settings) -> Ba
         config=str(config_path) if config_path else None,
         checkpoint=str(ckpt_path) if ckpt_path else None,
         force_quick_gelu=bm.get("force_quick_gelu"),
+        allow_random_init=bool(bm.get("allow_random_init", False)),
     )
 
 

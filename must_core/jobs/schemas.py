@@ -75,6 +75,8 @@ class BaseModelRequest(BaseModel):
     config_uri: str | None = Field(None, max_length=4096)
     checkpoint_uri: str | None = Field(None, max_length=4096)
     force_quick_gelu: bool | None = None
+    # No tag, checkpoint or local-dir folder means random weights: refused (422) unless this is true.
+    allow_random_init: bool = False
 
 
 class JobParams(BaseModel):
@@ -178,6 +180,18 @@ class JobMetrics(_Schema):
     predicted_classes: dict[str, Any] | None = None
     # predictions jobs (and params.predict_dataset): num_images, num_predicted, num_skipped, ...
     predictions: dict[str, Any] | None = None
+    # label-free run health, latest interval (docs/algorithm.md, "Run health"): pred_entropy,
+    # entropy_ratio, max_class_share, confident_ratio, agree_zero_shot, agree_teacher, class_counts
+    health: dict[str, Any] | None = None
+    # which weights are served as the model: {"weights": student|ema|zero_shot, "reason"}
+    served_model: dict[str, Any] | None = None
+    # the strong-view recipe chosen without labels and the agreements it was chosen from
+    augmentation: dict[str, Any] | None = None
+
+
+class JobWarning(_Schema):
+    code: str  # "collapsed" | "degraded"
+    message: str
 
 
 class DatasetStats(_Schema):
@@ -213,6 +227,8 @@ class JobRead(_Schema):
     dataset: DatasetStats
     model_id: uuid.UUID | None
     error: JobError | None
+    # set when the label-free health rule flags the finished run (the job still succeeds)
+    warnings: list[JobWarning] = Field(default_factory=list)
     attempt: int
     transient_retries: int = 0  # claims released after a transient error (not worker deaths)
     cancel_requested: bool

@@ -53,6 +53,16 @@ def validate_base_model(bm: Mapping[str, Any], settings: Settings, owns_job: Own
     for key in ("config_uri", "checkpoint_uri"):
         if bm.get(key):
             validate_request_uri(bm[key], settings, owns_job, "file")
+    from must_core.ml.config import BaseModelSpec
+    from must_core.ml.model import check_base_model_names  # open_clip's registry; no download
+
+    spec = BaseModelSpec(
+        arch=str(bm.get("arch") or "ViT-B-16"),
+        pretrained=bm.get("pretrained"),
+        checkpoint=bm.get("checkpoint_uri"),  # only whether one is given matters here
+        allow_random_init=bool(bm.get("allow_random_init", False)),
+    )
+    check_base_model_names(spec, custom_config=bool(bm.get("config_uri")))
 
 
 def validate_job(body: JobCreate, settings: Settings, owns_job: OwnsJob) -> dict[str, Any]:

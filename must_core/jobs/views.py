@@ -38,7 +38,11 @@ def job_view(job: Job) -> JobRead:
             dataset_cache=metrics.get("dataset_cache"),
             predicted_classes=metrics.get("predicted_classes"),
             predictions=metrics.get("predictions"),
+            health=metrics.get("health"),
+            served_model=metrics.get("served_model"),
+            augmentation=metrics.get("augmentation"),
         ),
+        warnings=list(metrics.get("warnings") or []),
         dataset=DatasetStats.model_validate(stats),
         model_id=job.model_id,
         error=JobError(code=job.error_code, message=job.error_message or "")

@@ -19,8 +19,8 @@ class BaseModelSpec(BaseModel):
     """Where the base CLIP comes from.
 
     Exactly one of these forms:
-    - ``arch`` (+ ``pretrained`` tag): an open_clip architecture name; the tag downloads weights where the
-      machine has internet (``pretrained=None`` gives random weights, for tests);
+    - ``arch`` + ``pretrained`` tag: an open_clip architecture name; the tag downloads weights where the
+      machine has internet;
     - ``arch`` + ``checkpoint``: a local checkpoint file (state dict, .pt/.bin/.safetensors);
     - ``config`` (+ ``checkpoint``): a custom open_clip model-config JSON file, registered under ``arch``
       (or the file stem) before the model is built;
@@ -34,8 +34,17 @@ class BaseModelSpec(BaseModel):
     pretrained: str | None = Field(None, max_length=300)
     checkpoint: str | None = Field(None, max_length=4096)
     config: str | None = Field(None, max_length=4096)
-    # OpenAI weights were trained with QuickGELU (spec §1.2); None = decide from the pretrained tag.
+    # OpenAI weights were trained with QuickGELU (spec §1.2); None = decide from the weights: the
+    # pretrained tag's config, or for a checkpoint file / local dir its tensors and config.
     force_quick_gelu: bool | None = None
+    # An architecture without weights (no tag, no checkpoint) builds a randomly initialised CLIP whose
+    # zero-shot predictions are confident nonsense: refused unless asked for (tests, benchmarks).
+    allow_random_init: bool = False
+
+    @property
+    def random_init(self) -> bool:
+        """Whether this spec names no weights at all (a random-weight model)."""
+        return not (self.pretrained or self.checkpoint or self.arch.startswith("local-dir:"))
 
 
 class MustConfig(BaseModel):
@@ -85,8 +94,22 @@ class MustConfig(BaseModel):
     # the class bias of a zero-shot teacher under domain shift; on the shift benchmark's validation
     # split weight 1 cost 4.5 points (62.9 vs 67.4 %, zero-shot 53.9 %). Deviation, documented.
     fair_weight: float = Field(4.0, ge=0)
-    # K >= this uses the 2-step moving-average fairness variant (spec §3.2 variant B).
+    # K >= this uses the 2-step moving-average fairness variant (spec §3.2 variant B); "reference"
+    # marginal only.
     fair_moving_average_min_classes: int = Field(512, ge=1)
+    # Where the fairness term's class marginal comes from. "running": a detached running mean over
+    # about ``fair_marginal_samples`` recent samples (the current global batch included), with the
+    # gradient of the current batch: a balanced, confident student is no longer penalised for the
+    # classes one batch happens to miss (at K=101, batch 64 the per-batch term caps confidence near
+    # 0.4). At a global batch >= fair_marginal_samples it is the reference's batch term exactly.
+    # "reference": the global batch (variant A), or variant B from fair_moving_average_min_classes.
+    # Deviation, documented in docs/algorithm.md.
+    fair_marginal: Literal["running", "reference"] = "running"
+    fair_marginal_samples: int = Field(1024, ge=1, le=10_000_000)
+    # The class prior the marginal is pulled towards: "uniform" (the reference) or "estimated" from
+    # the unlabeled data before training, by EM re-estimation of the prior from zero-shot predictions
+    # on up to ``probe_samples`` images (Saerens et al. 2002), without labels.
+    fair_prior: Literal["uniform", "estimated"] = "uniform"
 
     # --- EMA teacher ----------------------------------------------------------------------
     ema_decay_init: float = Field(0.99, ge=0, lt=1)
@@ -113,6 +136,11 @@ class MustConfig(BaseModel):
     # photos; with small objects anywhere in the frame a 30 % crop often loses the object while the
     # teacher labels the whole image. Generic default (0.8, 1); presets keep (0.3, 1). Deviation.
     strong_crop_scale: tuple[float, float] = (0.8, 1.0)
+    # Probability of a horizontal flip of the student's view (the reference: 0.5). Classes that a
+    # mirror changes (digits, letters, traffic signs, left/right) need 0. "auto": 0.5 unless the
+    # zero-shot model's predictions on mirrored unlabeled images disagree with those on the
+    # originals much more than under a small shift (must_core.ml.augment; needs probe_samples > 0).
+    strong_hflip: float | Literal["auto"] = "auto"
 
     # --- runtime --------------------------------------------------------------------------
     seed: int = 0
@@ -144,6 +172,14 @@ class MustConfig(BaseModel):
     gallery_max_images: int = Field(2000, ge=0, le=10_000_000)
     gallery_per_class: int = Field(8, ge=0, le=100)
     gallery_thumb_px: int = Field(96, ge=16, le=512)
+    # Label-free run health (must_core.ml.health): every this many steps and at the end, the student
+    # and the teacher classify a fixed probe sample of up to probe_samples unlabeled images.
+    health_every_steps: int = Field(100, ge=1)
+    probe_samples: int = Field(512, ge=0, le=100_000)
+    # Which weights become "the model" (model.safetensors): "auto" serves the student unless the
+    # health rule flags it, then the EMA teacher unless flagged too, then the zero-shot model (see
+    # docs/algorithm.md, "Run health"). The EMA export (model_ema.safetensors) is written either way.
+    served_model: Literal["auto", "student", "ema", "zero_shot"] = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> MustConfig:
@@ -154,7 +190,52 @@ class MustConfig(BaseModel):
             raise ValueError("strong_crop_scale must satisfy 0 < lo <= hi <= 1")
         if not (0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1):
             raise ValueError("betas must lie in [0, 1)")
+        if self.strong_hflip != "auto" and not 0 <= float(self.strong_hflip) <= 1:
+            raise ValueError("strong_hflip must be 'auto' or lie in [0, 1]")
         return self
+
+
+# Settings that change how a run executes, not what it computes (or only at rounding level): a run
+# may resume from a checkpoint written with other values of these. Any other difference between the
+# checkpoint's config and the resumed run's is refused (see ``resume_conflicts``).
+RESUME_FREE_KEYS = frozenset(
+    {
+        "device",
+        "precision",
+        "num_threads",
+        "num_workers",
+        "eval_batch_size",
+        "checkpoint_every_steps",
+        "progress_every_steps",
+        "grad_checkpointing",
+        "num_processes",
+        "micro_batch_size",
+        "stop_check_every_steps",
+        "torch_compile",
+        "prepare_workers",
+        "async_checkpoint",
+        "export_ema",
+        "served_model",
+    }
+)
+
+
+def resume_conflicts(saved: dict[str, Any], current: MustConfig) -> dict[str, tuple[Any, Any]]:
+    """Hyperparameters that differ between a checkpoint's config and this run's: {key: (saved, now)}.
+
+    Keys missing from an older checkpoint count as its defaults (they did not exist, so the run used
+    what is now the default behaviour only if the value equals it; otherwise they conflict).
+    """
+    now = current.model_dump(mode="json")
+    defaults = MustConfig().model_dump(mode="json")
+    out = {}
+    for key, value in now.items():
+        if key in RESUME_FREE_KEYS:
+            continue
+        before = saved.get(key, defaults.get(key))
+        if before != value:
+            out[key] = (before, value)
+    return out
 
 
 # Reference settings per dataset (spec §7, salesforce/MUST train_configs.json), expressed at the
@@ -168,6 +249,8 @@ _REF_COMMON: dict[str, Any] = {
     "ema_decay_final": 0.9998,
     "strong_crop_scale": (0.3, 1.0),
     "ema_horizon": 0.0,
+    "fair_marginal": "reference",
+    "strong_hflip": 0.5,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},

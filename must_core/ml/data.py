@@ -84,7 +84,7 @@ def strong_transform(
     """Student view: timm's RandomResizedCrop + flip + RandAugment 'rand-m9-mstd0.5-inc1' (spec §6)."""
     from timm.data import create_transform  # type: ignore[attr-defined]
 
-    aa = f"rand-m{magnitude:g}-n{num_ops}-mstd{magnitude_std:g}-inc1" if num_ops > 0 else None
+    aa = randaug_spec(magnitude, num_ops, magnitude_std) if num_ops > 0 else None
     tf = create_transform(
         input_size=pp.image_size,
         is_training=True,
@@ -98,8 +98,21 @@ def strong_transform(
         re_prob=0.0,
     )
     for t in getattr(tf, "transforms", []):
+        _set_magnitude(t, magnitude)
         _cap_posterize(t)
     return tf  # type: ignore[no-any-return]
+
+
+def randaug_spec(magnitude: float, num_ops: int, magnitude_std: float) -> str:
+    """timm's RandAugment string. timm parses the magnitude as an integer ('m9.5' raises), so the
+    string carries the rounded value and :func:`_set_magnitude` sets the exact one on the ops."""
+    return f"rand-m{round(magnitude)}-n{num_ops}-mstd{magnitude_std:g}-inc1"
+
+
+def _set_magnitude(augment: object, magnitude: float) -> None:
+    for op in getattr(augment, "ops", []):
+        if hasattr(op, "magnitude"):
+            op.magnitude = float(magnitude)
 
 
 SampleKey = tuple[int, int]  # (epoch, index): the dataset seeds each sample's augmentation by it
@@ -289,26 +302,29 @@ class StrongView:
         num_ops: int = 2,
         magnitude: float = 9.0,
         magnitude_std: float = 0.5,
+        hflip: float = 0.5,
     ) -> None:
         from timm.data.auto_augment import rand_augment_transform  # type: ignore[attr-defined]
 
         self.size = pp.image_size
         self.scale = scale
+        self.hflip = hflip
         self.augment = None
         if num_ops > 0:
             hparams = {
                 "translate_const": int(pp.image_size * 0.45),
                 "img_mean": tuple(round(255 * m) for m in pp.mean),
             }
-            spec = f"rand-m{magnitude:g}-n{num_ops}-mstd{magnitude_std:g}-inc1"
+            spec = randaug_spec(magnitude, num_ops, magnitude_std)
             self.augment = rand_augment_transform(spec, hparams)
+            _set_magnitude(self.augment, magnitude)
             _cap_posterize(self.augment)
 
     def __call__(self, arr: np.ndarray) -> torch.Tensor:
         x = _hwc_to_tensor(arr)
         top, left, h, w = _resized_crop_params(arr.shape[0], arr.shape[1], self.scale)
         out = _crop_resize(x, top, left, h, w, self.size)
-        if random.random() < 0.5:  # noqa: S311 - augmentation, seeded per sample
+        if self.hflip > 0 and random.random() < self.hflip:  # noqa: S311 - seeded per sample
             out = out.flip(-1)
         if self.augment is None:
             return out

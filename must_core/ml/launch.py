@@ -6,7 +6,8 @@ module as a child process group — directly for one process, through ``torchrun
 for several — and talks to it through files in ``RUN_DIR`` only:
 
 - ``launch.json`` (in): the config and local inputs of :func:`must_core.ml.train.adapt`;
-- ``events.jsonl`` (out, rank 0): one JSON object per line, ``{"type": "progress", ...}`` or
+- ``events.jsonl`` (out, rank 0): one JSON object per line, ``{"type": "progress", ...}``,
+  ``{"type": "health", "kind": "health", "step": N, ...}`` (label-free run health) or
   ``{"type": "checkpoint", "path": ..., "step": N}`` (a hard link to a complete checkpoint that the
   reader uploads and then deletes);
 - ``prepared_cache`` (in/out): a prepared dataset found there is reused; one built there is complete
@@ -152,6 +153,7 @@ def _run_adapt(run_dir: Path, spec: LaunchSpec) -> None:
             on_progress=(lambda e: log.emit({"type": "progress", **e.to_dict()})) if log else None,
             should_stop=stop_file.exists,
             on_checkpoint=log.checkpoint if log else None,
+            on_health=(lambda e: log.emit({"type": "health", **e})) if log else None,
             dist=ctx,
         )
         if log is not None:

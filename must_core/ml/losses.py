@@ -22,6 +22,29 @@ def fairness_batch(probs_mean: torch.Tensor) -> torch.Tensor:
     return -torch.log(probs_mean).mean()
 
 
+def fairness_prior(probs_mean: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor:
+    """-Σ_k π_k log b_k: Variant A for a uniform prior π (None); its minimum over b is at b = π."""
+    if prior is None:
+        return fairness_batch(probs_mean)
+    return -(prior.to(probs_mean.dtype) * torch.log(probs_mean)).sum()
+
+
+def running_marginal(
+    batch_marginal: torch.Tensor, state: torch.Tensor | None, keep: float
+) -> torch.Tensor:
+    """Detached running class marginal: keep·state + (1 − keep)·sg(b) (b itself at the first step).
+
+    ``keep = 1 − N_batch/N_samples`` makes it a mean over about N_samples recent samples.
+    """
+    b = batch_marginal.detach()
+    return b if state is None else keep * state.detach() + (1.0 - keep) * b
+
+
+def running_keep(global_batch: int, samples: int) -> float:
+    """The running marginal's decay for a global batch: 0 (the batch alone) once it covers samples."""
+    return max(0.0, 1.0 - global_batch / samples)
+
+
 def fairness_moving_average(
     probs_mean: torch.Tensor, previous: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:

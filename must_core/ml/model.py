@@ -97,11 +97,15 @@ def load_base_model(spec: BaseModelSpec) -> BaseModel:
         arch = name
 
     pretrained: str | None = spec.pretrained
+    openai_state: dict[str, torch.Tensor] | None = None
     if spec.checkpoint is not None:
         ckpt = Path(spec.checkpoint)
         if not ckpt.is_file():
             raise ModelLoadError(f"checkpoint file not found: {ckpt}")
         pretrained = str(ckpt)
+        openai_state = read_openai_checkpoint(ckpt)
+        if openai_state is not None:
+            pretrained = None  # loaded below, without OpenAI's extra entries
 
     if arch.startswith("local-dir:"):
         folder = Path(arch.split(":", 1)[1])
@@ -117,7 +121,9 @@ def load_base_model(spec: BaseModelSpec) -> BaseModel:
                 "config JSON"
             )
 
-    quick_gelu = bool(spec.force_quick_gelu)
+    if spec.random_init and not spec.allow_random_init:
+        raise ModelLoadError(random_init_message(spec), code="invalid_base_model")
+    quick_gelu = _quick_gelu_from_weights(spec, arch, model_cfg, openai_state is not None)
     if spec.pretrained and spec.checkpoint is None and not arch.startswith("local-dir:"):
         tag_cfg = open_clip.get_pretrained_cfg(arch, spec.pretrained)
         if not tag_cfg:
@@ -137,6 +143,8 @@ def load_base_model(spec: BaseModelSpec) -> BaseModel:
             force_quick_gelu=bool(quick_gelu),
             weights_only=True,
         )
+        if openai_state is not None:
+            clip.load_state_dict(openai_state, strict=True)
         tokenizer = open_clip.get_tokenizer(arch)
     except ModelLoadError:
         raise
@@ -168,6 +176,111 @@ def load_base_model(spec: BaseModelSpec) -> BaseModel:
     if quick_gelu:
         cfg["quick_gelu"] = True
     return BaseModel(clip=clip.eval(), tokenizer=tokenizer, preprocess=preprocess, model_cfg=cfg)
+
+
+# Entries OpenAI's CLIP checkpoints carry besides the weights (open_clip's CLIP has no such buffers).
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+def check_base_model_names(spec: BaseModelSpec, *, custom_config: bool) -> None:
+    """Submission-time check of a base model, without building or downloading anything: a known
+    architecture (unless a custom config or local-dir folder names it), a known pretrained tag for it,
+    and weights unless ``allow_random_init``.
+
+    Raises:
+        ModelLoadError (code ``invalid_base_model``): with the known names in the message.
+    """
+    if spec.random_init and not spec.allow_random_init:
+        raise ModelLoadError(random_init_message(spec), code="invalid_base_model")
+    if custom_config or spec.arch.startswith("local-dir:"):
+        return
+    if open_clip.get_model_config(spec.arch) is None:
+        close = [m for m in open_clip.list_models() if m.lower().startswith(spec.arch[:5].lower())]
+        raise ModelLoadError(
+            f"unknown open_clip architecture {spec.arch!r}"
+            + (f"; similar: {close[:10]}" if close else "")
+            + "; see open_clip.list_models(), or pass config_uri",
+            code="invalid_base_model",
+        )
+    if spec.pretrained and spec.checkpoint is None:
+        tags = _known_tags(spec.arch)
+        if spec.pretrained not in tags:
+            raise ModelLoadError(
+                f"unknown pretrained tag {spec.pretrained!r} for {spec.arch!r}; known tags: {tags}",
+                code="invalid_base_model",
+            )
+
+
+def random_init_message(spec: BaseModelSpec) -> str:
+    return (
+        f"base model {spec.arch!r} names no weights (no pretrained tag, checkpoint or local-dir "
+        "folder): it would run on random weights and return confident nonsense. Give weights, or "
+        "set allow_random_init: true for tests"
+    )
+
+
+def read_openai_checkpoint(path: Path) -> dict[str, torch.Tensor] | None:
+    """The state dict of a checkpoint in OpenAI's own format (their TorchScript archive, or a state
+    dict with their ``input_resolution``/``context_length``/``vocab_size`` entries), without those
+    entries; None for any other checkpoint (open_clip loads it).
+
+    OpenAI's weights were trained with QuickGELU, so such a file decides the activation (spec §1.2).
+    """
+    import zipfile
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+                keys = set(f.keys())
+                if not any(k in keys for k in _OPENAI_EXTRA_KEYS):
+                    return None
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(path))
+        elif zipfile.is_zipfile(path) and any(
+            n.endswith("constants.pkl") for n in zipfile.ZipFile(path).namelist()
+        ):
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()  # type: ignore[no-untyped-call]
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unreadable: open_clip's loader reports it with its own message
+        _logger.debug("checkpoint %s not inspected: %s", path, exc)
+        return None
+    if not isinstance(state, dict) or not any(k in state for k in _OPENAI_EXTRA_KEYS):
+        return None
+    return {k: v for k, v in state.items() if k not in _OPENAI_EXTRA_KEYS}
+
+
+def _quick_gelu_from_weights(
+    spec: BaseModelSpec, arch: str, model_cfg: dict[str, Any] | None, openai_file: bool
+) -> bool:
+    """QuickGELU for OpenAI weights however they are given: explicit choice first, then an
+    OpenAI-format checkpoint file, then the model config (a local-dir folder or config JSON that
+    says ``quick_gelu``); a pretrained tag's own setting is applied by the caller."""
+    if spec.force_quick_gelu is not None:
+        return spec.force_quick_gelu
+    if openai_file or bool((model_cfg or {}).get("quick_gelu", False)):
+        return True
+    if spec.checkpoint is not None and "openai" in _known_tags(arch):
+        _logger.warning(
+            "checkpoint %s for %s is not in OpenAI's format: building it with GELU. If these are "
+            "OpenAI's weights converted to open_clip's format, set force_quick_gelu: true",
+            spec.checkpoint,
+            arch,
+        )
+    return False
+
+
+def _known_tags(arch: str) -> list[str]:
+    try:
+        return list(open_clip.list_pretrained_tags_by_model(arch))
+    except Exception:  # unknown architecture: no tags
+        return []
 
 
 def _register_config(name: str, model_cfg: dict[str, Any]) -> None:
@@ -274,8 +387,13 @@ class MustModel(nn.Module):
         return v.transformer(seq)  # type: ignore[no-any-return]
 
     def head(self, z: torch.Tensor) -> torch.Tensor:
-        """Cosine logits ``scale · z @ W`` for unit-norm features z."""
-        return self.logit_scale * (z @ self.classifier.to(z.dtype))
+        """Cosine logits ``scale · z @ W`` for unit-norm features z, always in fp32.
+
+        Under bf16 autocast a bf16 matmul would round 100·cos to steps of 0.125–0.25 (8 mantissa
+        bits), coarser than the differences between classes; the head is tiny, so it runs in fp32.
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self.logit_scale * (z.float() @ self.classifier.float())
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-norm image embedding z_cls [B, D] (unmasked)."""

@@ -34,9 +34,10 @@ from must_core.ml.distributed import DistContext
 from must_core.ml.losses import (
     LossWeights,
     align_loss,
-    fairness_batch,
     fairness_moving_average,
+    fairness_prior,
     mim_loss,
+    running_marginal,
     self_training_loss,
     total_loss,
 )
@@ -59,21 +60,27 @@ def must_step_losses(
     weights: LossWeights,
     moving_average_fairness: bool,
     fair_state: torch.Tensor | None,
+    running_keep: float | None = None,
+    prior: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
     """One MUST objective evaluation on one batch (spec §0, §3). Returns (loss, parts, fair state).
 
     The plain single-batch form: the reference for tests and the step-cost benchmark. Training uses
-    :class:`GlobalStep`, which equals this for one process and one micro-batch.
+    :class:`GlobalStep`, which equals this for one process and one micro-batch. ``running_keep``
+    (not None) selects the running marginal (see :func:`fair_marginal_input`).
     """
     pseudo, confident = teacher_pass(teacher, weak, conf_threshold)
     out = student(strong, mask)
     assert isinstance(out, MaskedOutput)
     l_st = self_training_loss(out.logits, pseudo, confident)
     p_mean = out.logits.float().softmax(-1).mean(0)
-    if moving_average_fairness:
+    if running_keep is not None:
+        fair_state = running_marginal(p_mean, fair_state, running_keep)
+        l_fair = fairness_prior(fair_state + (p_mean - p_mean.detach()), prior)
+    elif moving_average_fairness:
         l_fair, fair_state = fairness_moving_average(p_mean, fair_state)
     else:
-        l_fair = fairness_batch(p_mean)
+        l_fair = fairness_prior(p_mean, prior)
     l_mim = mim_loss(out.recon, strong, out.mask_pix)
     l_align = align_loss(out.align, out.token_mask)
     loss = total_loss(l_st, l_fair, l_mim, l_align, weights)
@@ -119,6 +126,9 @@ class GlobalStep:
     # The forward calls (torch.compile'd where enabled); default: the modules themselves.
     student_forward: Callable[..., Any] | None = None
     teacher_forward: Callable[..., Any] | None = None
+    # Running marginal (``fair_marginal="running"``): its decay per step; None: the reference's terms.
+    running_keep: float | None = None
+    prior: torch.Tensor | None = None  # fairness target prior; None: uniform
 
     def __call__(
         self, micro: Sequence[MicroBatch], fair_state: torch.Tensor | None
@@ -136,6 +146,7 @@ class GlobalStep:
         p_global = self._marginal_prepass(micro) if m_steps > 1 else None
         shares = []
         new_state = fair_state
+        running: torch.Tensor | None = None
         for i, ((_, strong, mask), (pseudo, confident)) in enumerate(
             zip(micro, labels, strict=True)
         ):
@@ -148,12 +159,18 @@ class GlobalStep:
                 p_m = out.logits.float().softmax(-1).mean(0)
                 if p_global is None:  # one micro-batch per rank: the marginal of this forward
                     p_global = self.dist.all_reduce_sum(p_m.detach().clone()) / self.dist.world_size
-                p_sur = p_global + (p_m - p_m.detach()) / m_steps
-                if self.moving_average_fairness:
+                if self.running_keep is not None:
+                    if running is None:  # the global batch joins the running marginal once
+                        running = running_marginal(p_global, fair_state, self.running_keep)
+                        new_state = running
+                    # value: the running marginal; gradient: this micro-batch's share of p̄
+                    l_fair = fairness_prior(running + (p_m - p_m.detach()) / m_steps, self.prior)
+                elif self.moving_average_fairness:
+                    p_sur = p_global + (p_m - p_m.detach()) / m_steps
                     l_fair, state_i = fairness_moving_average(p_sur, fair_state)
                     new_state = state_i if i == 0 else new_state
                 else:
-                    l_fair = fairness_batch(p_sur)
+                    l_fair = fairness_prior(p_global + (p_m - p_m.detach()) / m_steps, self.prior)
                 l_mim = mim_loss(out.recon, strong, out.mask_pix)
                 l_align = align_loss(out.align, out.token_mask)
                 w = self.weights

@@ -28,12 +28,19 @@ from must_core.errors import (
     CheckpointError,
     DatasetError,
     EmptyDatasetError,
+    InvalidConfigError,
     TrainingDivergedError,
 )
 from must_core.fsutil import atomic_write
 from must_core.ml import checkpoint as ckpt
 from must_core.ml import gallery
-from must_core.ml.config import BaseModelSpec, MustConfig, ema_schedule_params
+from must_core.ml.augment import choose_hflip
+from must_core.ml.config import (
+    BaseModelSpec,
+    MustConfig,
+    ema_schedule_params,
+    resume_conflicts,
+)
 from must_core.ml.data import (
     EpochSampler,
     ImageSource,
@@ -54,7 +61,17 @@ from must_core.ml.data import (
 from must_core.ml.distributed import BatchLayout, DistContext, batch_layout, rank_device
 from must_core.ml.ema import EmaUpdater, ema_decay, make_teacher
 from must_core.ml.evaluate import evaluate_folder
-from must_core.ml.losses import LossWeights
+from must_core.ml.health import (
+    COLLAPSE_ENTROPY_RATIO,
+    Probe,
+    entropy,
+    estimate_prior,
+    health_warnings,
+    predict_probs,
+    sample_images,
+    snapshot,
+)
+from must_core.ml.losses import LossWeights, running_keep
 from must_core.ml.masking import MaskGenerator
 from must_core.ml.model import (
     MustModel,
@@ -213,6 +230,7 @@ class RunHooks:
     on_progress: Callable[[ProgressEvent], None] = _NullHook.progress
     should_stop: Callable[[], bool] = _NullHook.stop
     on_checkpoint: Callable[[Path, int], None] | None = None
+    on_health: Callable[[dict[str, Any]], None] | None = None
 
 
 @dataclass
@@ -260,10 +278,15 @@ class TrainRun:
     data_stats: dict[str, Any]
     step: int = 0
     fair_state: torch.Tensor | None = None
+    fair_prior: torch.Tensor | None = None  # the fairness target prior on the device; None: uniform
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_items: list[tuple[Path, int]] | None = None
     resumed_from_step: int | None = None
+    probe: Probe | None = None  # label-free health probe (None: probe_samples = 0)
+    hflip: float = 0.5  # the student view's flip probability (resolved from cfg.strong_hflip)
+    health: list[dict[str, Any]] = field(default_factory=list)  # one entry per health interval
+    zero_shot_state: dict[str, torch.Tensor] | None = None  # CPU copy, for served_model
     _pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -330,6 +353,7 @@ class TrainRun:
             "identity": self.identity,
             "metrics": self.metrics,
             "history": self.history[-1000:],
+            "health": self.health[-1000:],
         }
 
     def save(self, *, wait: bool = False) -> None:
@@ -353,6 +377,7 @@ def adapt(
     on_checkpoint: Callable[[Path, int], None] | None = None,
     dist: DistContext | None = None,
     prepared_cache: Path | None = None,
+    on_health: Callable[[dict[str, Any]], None] | None = None,
 ) -> AdaptationResult:
     """Adapt a CLIP zero-shot classifier to the unlabeled images in ``images_dir`` with MUST.
 
@@ -377,13 +402,14 @@ def adapt(
         prepared_cache: a folder for the prepared (decoded once, resized) form of ``images_dir``:
             reused when it holds one for this model's input size, else built there first
             (:mod:`must_core.ml.prepared`). None: decode the raw files every epoch.
+        on_health: called (rank 0) with each label-free health entry (:mod:`must_core.ml.health`).
 
     Raises:
         MustError subclasses with stable codes (dataset_empty, model_load_failed, invalid_config,
         checkpoint_invalid, training_diverged).
     """
     hooks = RunHooks(
-        on_progress or _NullHook.progress, should_stop or _NullHook.stop, on_checkpoint
+        on_progress or _NullHook.progress, should_stop or _NullHook.stop, on_checkpoint, on_health
     )
     inputs = RunInputs(
         images_dir=images_dir,
@@ -402,7 +428,7 @@ def adapt(
         evaluate_zero_shot(run)
         spot_check(run, "zero_shot")
         stopped = train_steps(run, hooks)
-        return finalize(run, stopped)
+        return finalize(run, stopped, hooks)
     except BaseException:
         run.stop_preparation()
         raise
@@ -467,6 +493,15 @@ def _build_run(
     if cfg.grad_checkpointing:
         model.visual.set_grad_checkpointing(True)
     model.to(device)
+    amp_dtype = autocast_dtype(cfg, device)
+    # Before any update (and before a resume loads trained weights): the zero-shot reference.
+    probe = _build_probe(cfg, model, data.prepared or data.files(), preprocess, device, amp_dtype)
+    augmentation = _choose_augmentation(cfg, model, probe, device, amp_dtype)
+    zero_shot_state = (
+        {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if cfg.served_model in ("auto", "zero_shot") and dist.is_main
+        else None
+    )
     student = _wrap_ddp(model, dist, device)  # DDP broadcasts rank 0's weights to every rank
     teacher = make_teacher(model)
     optimizer = build_optimizer(
@@ -489,7 +524,7 @@ def _build_run(
         inputs=inputs,
         dist=dist,
         device=device,
-        amp_dtype=autocast_dtype(cfg, device),
+        amp_dtype=amp_dtype,
         scan=data.scan,
         layout=layout,
         steps_per_epoch=steps_per_epoch,
@@ -514,7 +549,81 @@ def _build_run(
         prepared=data.prepared,
         preparation=data.preparation,
         data_stats=data.stats,
+        probe=probe,
+        hflip=augmentation["hflip"],
+        metrics={"augmentation": augmentation},
+        zero_shot_state=zero_shot_state,
+        fair_prior=_fair_prior(cfg, probe, inputs.class_names, device),
     )
+
+
+def _build_probe(
+    cfg: MustConfig,
+    model: MustModel,
+    source: list[Path] | PreparedDataset,
+    preprocess: Preprocess,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> Probe | None:
+    """The health probe: up to ``probe_samples`` unlabeled images and their zero-shot predictions."""
+    if cfg.probe_samples == 0:
+        return None
+
+    def load(i: int) -> Any:
+        return source.load(i) if isinstance(source, PreparedDataset) else load_image(source[i])
+
+    # a prepared dataset may still be growing: its first images are a random sample, ready first
+    n = (
+        min(cfg.probe_samples, source.wait_for(cfg.probe_samples))
+        if isinstance(source, PreparedDataset)
+        else len(source)
+    )
+    images = sample_images(load, n, cfg.probe_samples)
+    if not images:
+        return None
+    tf = eval_transform(preprocess)
+    x = torch.stack([tf(img) for img in images])
+    probs = predict_probs(
+        model, x, device, cfg.eval_batch_size, lambda: _autocast(device, amp_dtype)
+    )
+    return Probe(x=x, zero_shot_probs=probs, images=images)
+
+
+def _choose_augmentation(
+    cfg: MustConfig,
+    model: MustModel,
+    probe: Probe | None,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """The student view's recipe: explicit values, or the label-free flip rule for "auto"."""
+    recipe: dict[str, Any] = {
+        "crop_scale": list(cfg.strong_crop_scale),
+        "randaug_num_ops": cfg.randaug_num_ops,
+        "randaug_magnitude": cfg.randaug_magnitude,
+    }
+    if cfg.strong_hflip != "auto":
+        return {**recipe, "hflip": float(cfg.strong_hflip), "chosen_by": "config"}
+    if probe is None:
+        return {**recipe, "hflip": 0.5, "chosen_by": "default (no probe images)"}
+    chosen = choose_hflip(
+        probe, model, device, cfg.eval_batch_size, lambda: _autocast(device, amp_dtype)
+    )
+    _logger.info("augmentation: %s", chosen)
+    return {**recipe, **chosen, "chosen_by": "zero-shot agreement on the unlabeled data"}
+
+
+def _fair_prior(
+    cfg: MustConfig, probe: Probe | None, class_names: list[str], device: torch.device
+) -> torch.Tensor | None:
+    """The fairness target prior: None (uniform) or the EM estimate from the probe."""
+    if cfg.fair_prior == "uniform":
+        return None
+    if probe is None:
+        raise InvalidConfigError('fair_prior="estimated" needs probe_samples > 0')
+    prior = estimate_prior(probe.zero_shot_probs)
+    _logger.info("estimated class prior: %s", dict(zip(class_names, prior.tolist(), strict=True)))
+    return prior.to(device)
 
 
 @dataclass
@@ -611,6 +720,13 @@ def restore(run: TrainRun) -> None:
                 f"checkpoint {run.ckpt_path} belongs to a different run ({key} differs); "
                 "use another output directory or resume=False"
             )
+    conflicts = resume_conflicts(dict(state.get("config") or {}), run.cfg)
+    if conflicts:  # the schedule, losses or data would silently change mid-run
+        raise CheckpointError(
+            f"checkpoint {run.ckpt_path} was written with other hyperparameters: "
+            + "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(conflicts.items()))
+            + ". Resume with the same ones, or start over (resume=False / another output directory)"
+        )
     run.model.load_state_dict(state["student"])
     run.teacher.load_state_dict(state["ema"])  # the reference forgot this (spec §10.3)
     run.optimizer.load_state_dict(state["optimizer"])
@@ -619,6 +735,7 @@ def restore(run: TrainRun) -> None:
     run.fair_state = fair_state.to(run.device) if fair_state is not None else None
     run.metrics = dict(state.get("metrics", {}))
     run.history = list(state.get("history", []))
+    run.health = list(state.get("health", []))
     ckpt.set_rng_state(state["rng"])
     if state["identity"].get("num_images") != run.n:
         _logger.warning(
@@ -743,6 +860,7 @@ def _make_loader(run: TrainRun) -> DataLoader[Any]:
             cfg.randaug_num_ops,
             cfg.randaug_magnitude,
             cfg.randaug_magnitude_std,
+            hflip=run.hflip,
         ),
         run.masks,
         seed=cfg.seed,
@@ -800,6 +918,12 @@ def train_steps(run: TrainRun, hooks: RunHooks) -> bool:
         weights=LossWeights(fair=cfg.fair_weight, mim=cfg.mim_weight, align=cfg.align_weight),
         moving_average_fairness=run.model.num_classes >= cfg.fair_moving_average_min_classes,
         autocast=run.autocast,
+        running_keep=(
+            running_keep(run.layout.global_batch, cfg.fair_marginal_samples)
+            if cfg.fair_marginal == "running"
+            else None
+        ),
+        prior=run.fair_prior,
         **_compiled_forwards(run),
     )
     loader = _make_loader(run)
@@ -814,7 +938,7 @@ def train_steps(run: TrainRun, hooks: RunHooks) -> bool:
         micro = _next_global_batch(run, batches)
         if micro is None:
             break
-        if run.step % run.steps_per_epoch == 0:
+        if run.step % run.steps_per_epoch == 0 and cfg.fair_marginal == "reference":
             run.fair_state = None  # the reference resets the moving average every epoch
         lr_now = cosine_lr(run.step, run.total_steps, base_lr, final_lr)
         set_lr(run.optimizer, lr_now)
@@ -828,8 +952,12 @@ def train_steps(run: TrainRun, hooks: RunHooks) -> bool:
         last = run.step == run.total_steps
         if run.step % cfg.progress_every_steps == 0 or last:
             meter.emit(hooks, lr_now, d_now)
+        if run.step % cfg.health_every_steps == 0 and not last:
+            record_health(run, hooks)
         if run.step % cfg.checkpoint_every_steps == 0 and not last:
+            meter.require_finite()  # a diverged run must not overwrite the last good checkpoint
             run.save()
+    meter.require_finite()  # the steps since the last progress event, before the last checkpoint
     del loader, batches
     return stopped or run.step < run.total_steps
 
@@ -858,14 +986,25 @@ class _IntervalMeter:
             self.acc += shares
         self.steps += 1
 
-    def emit(self, hooks: RunHooks, lr_now: float, d_now: float) -> None:
+    def _values(self) -> list[float]:
+        """Interval means, all-reduced; raises when any is not finite (the run diverged)."""
         run = self.run
-        values = (run.dist.all_reduce_sum(self.acc) / self.steps).tolist()
+        values: list[float] = (run.dist.all_reduce_sum(self.acc) / self.steps).tolist()
         if not all(math.isfinite(v) for v in values):
             raise TrainingDivergedError(
-                f"non-finite loss at step {run.step}: "
+                f"non-finite loss by step {run.step}: "
                 + ", ".join(f"{k}={v}" for k, v in zip(LOSS_KEYS, values, strict=True))
             )
+        return values
+
+    def require_finite(self) -> None:
+        """Check the steps since the last event (one host sync); every rank calls it."""
+        if self.steps:
+            self._values()
+
+    def emit(self, hooks: RunHooks, lr_now: float, d_now: float) -> None:
+        run = self.run
+        values = self._values()
         now = time.monotonic()
         ips = self.steps * run.layout.global_batch / max(now - self.t0, 1e-9)
         event = ProgressEvent(
@@ -888,8 +1027,73 @@ class _IntervalMeter:
         self.t0 = now
 
 
+def _health_entry(run: TrainRun, net: torch.nn.Module, which: str) -> dict[str, Any] | None:
+    """Health of ``net`` (the student or the teacher) on the probe, with the teacher's confidence."""
+    probe = run.probe
+    if probe is None:
+        return None
+    bs = run.cfg.eval_batch_size
+    probs = predict_probs(net, probe.x, run.device, bs, run.autocast)
+    teacher = (
+        probs
+        if net is run.teacher
+        else predict_probs(run.teacher, probe.x, run.device, bs, run.autocast)
+    )
+    prior = run.fair_prior
+    k = run.model.num_classes
+    h_prior = entropy(prior.cpu()) if prior is not None else math.log(k)
+    entry = snapshot(
+        probe,
+        probs,
+        teacher,
+        class_names=run.inputs.class_names,
+        conf_threshold=run.cfg.conf_threshold,
+        prior_entropy=h_prior,
+        step=run.step,
+    )
+    return {"kind": "health", "model": which, **entry}
+
+
+def record_health(run: TrainRun, hooks: RunHooks) -> dict[str, Any] | None:
+    """One health entry for the student (rank 0; the other ranks go on to the next collective)."""
+    if not run.dist.is_main:
+        return None
+    entry = _health_entry(run, run.model, "student")
+    if entry is None:
+        return None
+    entry["warnings"] = health_warnings(entry, run.model.num_classes)
+    run.health.append(entry)
+    run.metrics["health"] = entry
+    if hooks.on_health is not None:
+        hooks.on_health(entry)
+    return entry
+
+
+def choose_served(run: TrainRun, student: dict[str, Any] | None) -> tuple[str, str, list[Any]]:
+    """(weights served as the model, why, warnings) under ``cfg.served_model`` (label-free)."""
+    k = run.model.num_classes
+    warnings = list(student["warnings"]) if student else []
+    choice = run.cfg.served_model
+    if choice != "auto":
+        return choice, "requested (served_model)", warnings
+    if student is None or not warnings:
+        return "student", "the student passed the health rule", warnings
+    ema = _health_entry(run, run.teacher, "ema")
+    ema_warn = health_warnings(ema, k, "EMA teacher") if ema else []
+    if ema is not None:
+        run.metrics["health_ema"] = {**ema, "warnings": ema_warn}
+    if not ema_warn:
+        return "ema", "the student was flagged, the EMA teacher was not", warnings
+    warnings += ema_warn
+    if run.zero_shot_state is None:
+        return "student", "flagged, but no zero-shot copy was kept", warnings
+    if float(student["zero_shot_entropy_ratio"]) < COLLAPSE_ENTROPY_RATIO:
+        return "student", "flagged, but the zero-shot predictions are as concentrated", warnings
+    return "zero_shot", "both the student and the EMA teacher were flagged", warnings
+
+
 # ---- phase 4: finalize --------------------------------------------------------------------------------
-def finalize(run: TrainRun, stopped: bool) -> AdaptationResult:
+def finalize(run: TrainRun, stopped: bool, hooks: RunHooks | None = None) -> AdaptationResult:
     """Stopped: save and return. Completed: final eval, last checkpoint, exports (rank 0)."""
     if stopped:
         run.stop_preparation()
@@ -907,6 +1111,14 @@ def finalize(run: TrainRun, stopped: bool) -> AdaptationResult:
     run.metrics["num_images"] = len(scan.files)
     run.metrics["num_skipped"] = scan.num_skipped
     run.metrics["dataset_cache"] = run.data_stats
+    entry = run.health[-1] if run.health and run.health[-1]["step"] == run.step else None
+    entry = entry or record_health(run, hooks or RunHooks())
+    if run.dist.is_main:
+        served, why, warnings = choose_served(run, entry)
+        run.metrics["served_model"] = {"weights": served, "reason": why}
+        run.metrics["warnings"] = warnings
+        for w in warnings:
+            _logger.warning("run health: %s", w["message"])
     spot_check(run, "adapted")
     run.metrics["train_seconds"] = time.monotonic() - run.t_start
     run.save(wait=True)
@@ -923,15 +1135,26 @@ def _export(run: TrainRun) -> dict[str, Path]:
         "templates": run.inputs.templates,
         "steps": run.step,
     }
-    exports: list[tuple[str, torch.nn.Module, str]] = [("student", run.model, MODEL_NAME)]
+    served = str(run.metrics.get("served_model", {}).get("weights", "student"))
+    states = {"student": run.model.state_dict(), "ema": run.teacher.state_dict()}
+    if run.zero_shot_state is not None:
+        states["zero_shot"] = run.zero_shot_state
+    exports: list[tuple[str, dict[str, torch.Tensor], str]] = [
+        (
+            served if served in states else "student",
+            states[served if served in states else "student"],
+            MODEL_NAME,
+        )
+    ]
     if cfg.export_ema:
-        exports.append(("ema", run.teacher, EMA_MODEL_NAME))
+        exports.append(("ema", states["ema"], EMA_MODEL_NAME))
     paths: dict[str, Path] = {}
-    for which, net, filename in exports:
-        paths[which] = out / filename
+    for which, state, filename in exports:
+        key = "student" if filename == MODEL_NAME else which
+        paths[key] = out / filename
         ckpt.export_classifier(
-            paths[which],
-            net.state_dict(),
+            paths[key],
+            state,
             class_names=run.inputs.class_names,
             preprocess=run.preprocess.to_dict(),
             model_cfg=run.model_cfg,
@@ -942,7 +1165,7 @@ def _export(run: TrainRun) -> dict[str, Path]:
     atomic_write(
         out / "metrics.json",
         lambda tmp: tmp.write_text(
-            json.dumps({"metrics": run.metrics, "history": history}, indent=2)
+            json.dumps({"metrics": run.metrics, "history": history, "health": run.health}, indent=2)
         ),
     )
     return paths

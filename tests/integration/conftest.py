@@ -283,7 +283,7 @@ def job_body(dataset_uri: str, config_uri: str, **params: Any) -> dict[str, Any]
         "dataset_uri": dataset_uri,
         "class_names": ["red", "green", "blue"],
         "templates": ["a photo of a {}.", "a {} square."],
-        "base_model": {"arch": "must-tiny", "config_uri": config_uri},
+        "base_model": {"arch": "must-tiny", "config_uri": config_uri, "allow_random_init": True},
         "params": {"epochs": 1, "batch_size": 4, **params},
     }
 

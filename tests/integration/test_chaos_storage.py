@@ -130,7 +130,7 @@ def test_cancel_before_step_zero_takes_effect_in_seconds(
         "class_names": ["red", "green", "blue"],
         # A random-weight ViT-B-16 and 300 prompts: ~20 s of model build and prompt encoding on one
         # CPU thread before the first step, where the old trainer could not see a cancel.
-        "base_model": {"arch": "ViT-B-16"},
+        "base_model": {"arch": "ViT-B-16", "allow_random_init": True},
         "templates": [f"a photo of a {{}}, take {i}." for i in range(100)],
         "params": {"epochs": 1, "batch_size": 4},
     }

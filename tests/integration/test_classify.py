@@ -44,7 +44,7 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data.mkdir()
     for i, raw in enumerate(_images(12, seed=7)):
         (data / f"{i}.png").write_bytes(raw)
-    spec = BaseModelSpec(arch="must-tiny", config=str(TINY_CONFIG))
+    spec = BaseModelSpec(arch="must-tiny", config=str(TINY_CONFIG), allow_random_init=True)
     torch.manual_seed(0)
     base = load_base_model(spec)
     weights = root / "base.pt"

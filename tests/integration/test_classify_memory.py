@@ -64,7 +64,7 @@ def test_hostile_images_stay_under_the_memory_bound(
     proc, url = server
     pid = proc.proc.pid
     fields = {
-        "base_model": f'{{"arch": "must-tiny", "config_uri": "{tiny_config_uri}"}}',
+        "base_model": f'{{"arch": "must-tiny", "config_uri": "{tiny_config_uri}", "allow_random_init": true}}',
         "class_names": '["red", "green", "blue"]',
     }
     headers = {"Authorization": f"Bearer {keys['tenant-a']}"}

@@ -177,6 +177,7 @@ def test_compose_commands_complete_a_job(
             "must-tiny",
             "--config-uri",
             f"s3://{s3['datasets_bucket']}/parity-assets/tiny.json",
+            "--allow-random-init",
             "--epochs",
             "2",
             "--batch-size",

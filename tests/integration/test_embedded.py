@@ -106,6 +106,7 @@ def test_must_serve_embedded_flow(tmp_path: Path, archive_url: str) -> None:
                     "base_model": {
                         "arch": "must-tiny",
                         "config_uri": f"file://{tmp_path / 'tiny_clip.json'}",
+                        "allow_random_init": True,
                     },
                     "params": {"epochs": 1, "batch_size": 4, "min_steps": 10},
                 },
@@ -131,6 +132,7 @@ def test_must_serve_embedded_flow(tmp_path: Path, archive_url: str) -> None:
                     "base_model": {
                         "arch": "must-tiny",
                         "config_uri": f"file://{tmp_path / 'tiny_clip.json'}",
+                        "allow_random_init": True,
                     },
                     "params": {"epochs": 1, "batch_size": 2, "min_steps": 4},
                 },

@@ -174,3 +174,59 @@ def test_diagnostics_helpers() -> None:
     )
     assert knn(feats, y) == 100.0
     assert linear_probe(feats, y) == 100.0
+
+
+def test_suite_domains_and_data(tmp_path: Path) -> None:
+    import dataclasses
+
+    from benchmarks.shift.suite import DOMAINS, VARIANTS, WHERE_CLASSES, write_domain
+    from must_core.ml.config import make_config
+
+    assert len(WHERE_CLASSES) == 80 and DOMAINS["where80"].flip_changes_class
+    assert DOMAINS["shapes10_imbalanced"].imbalance_ratio == 10.0
+    for overrides in VARIANTS.values():
+        make_config(**overrides)  # every variant is a valid config
+    small = dataclasses.replace(DOMAINS["shapes10_imbalanced"], n_adapt=20, n_val=110, n_test=30)
+    splits = write_domain(tmp_path / "imb", small)
+    counts = sorted(len(list(d.iterdir())) for d in splits["val"].iterdir())
+    assert counts[-1] / counts[0] >= 8  # about 10:1 between the most and least frequent class
+    assert abs(len(list(splits["adapt"].iterdir())) - 20) <= 1  # flat, unlabeled (rounded counts)
+    where = dataclasses.replace(DOMAINS["where80"], n_adapt=4, n_val=40, n_test=4)
+    splits = write_domain(tmp_path / "where", where)
+    names = {d.name for d in splits["val"].iterdir()}
+    assert names <= set(WHERE_CLASSES) and any("left" in n for n in names)
+
+
+def test_suite_markdown_is_spliced_from_the_results() -> None:
+    from benchmarks.shift.suite import HEADING, markdown, splice
+
+    run = {
+        "seeds": [0],
+        "steps": 400,
+        "top1_per_seed": [61.5],
+        "top1_mean": 61.5,
+        "mean_per_class_mean": 60.0,
+        "ema_top1_per_seed": [61.0],
+        "val_top1_per_seed": [60.5],
+        "served_per_seed": ["student"],
+        "warnings_per_seed": [[]],
+        "augmentation": {"flip_agreement": 0.4, "shift_agreement": 0.9, "hflip": 0.0},
+    }
+    result = {
+        "benchmarks": {
+            "where80": {
+                "num_classes": 80,
+                "imbalance_ratio": 1.0,
+                "flip_changes_class": True,
+                "zero_shot": {"top1": 40.0, "mean_per_class": 39.0, "val_top1": 41.0},
+                "runs": {"must_default": run},
+            }
+        },
+        "wall_seconds": 12.0,
+    }
+    md = markdown(result)
+    assert "| must_default | [0] | 400 | 61.50 |" in md and "+21.50" in md and "flip p = 0.0" in md
+    doc = "# Benchmarks\n\n## Other\nkept\n"
+    once = splice(doc, md)
+    assert "## Other\nkept" in once and HEADING in once
+    assert splice(once, md.replace("61.50", "62.00")).count(HEADING) == 1

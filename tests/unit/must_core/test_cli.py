@@ -46,6 +46,7 @@ def test_adapt_eval_predict(tmp_path: Path) -> None:
         TINY_ARCH,
         "--model-config",
         str(TINY_CONFIG),
+        "--allow-random-init",
         "--templates",
         str(tmp_path / "templates.txt"),
         "--eval-dir",
@@ -96,6 +97,7 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
         TINY_ARCH,
         "--model-config",
         str(TINY_CONFIG),
+        "--allow-random-init",
         "--set",
         "mask_ratio=7",
     )
@@ -113,6 +115,7 @@ def test_cli_errors_are_clear(tmp_path: Path) -> None:
         TINY_ARCH,
         "--model-config",
         str(TINY_CONFIG),
+        "--allow-random-init",
     )
     assert r.returncode == 2 and "dataset_invalid" in r.stderr
     r = _must(

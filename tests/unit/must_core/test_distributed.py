@@ -71,7 +71,7 @@ def tiny_spec_module() -> Any:
     from must_core.ml.config import BaseModelSpec
     from tests.conftest import TINY_ARCH, TINY_CONFIG
 
-    return BaseModelSpec(arch=TINY_ARCH, config=str(TINY_CONFIG))
+    return BaseModelSpec(arch=TINY_ARCH, config=str(TINY_CONFIG), allow_random_init=True)
 
 
 def _launch(run_dir: Path, ref: dict[str, Any], spec: Any, cfg: Any, nproc: int) -> dict[str, Any]:

@@ -520,3 +520,107 @@ def test_mask_token_starts_at_the_mean_patch_embedding(  # type: ignore[no-untyp
         base_model=tiny_spec,
     )
     assert calls == [1]  # a fresh run does initialise it
+
+
+def test_random_init_is_refused_unless_allowed(tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    from must_core.ml.model import check_base_model_names
+
+    no_weights = BaseModelSpec(arch="must-tiny", config=tiny_spec.config)
+    with pytest.raises(ModelLoadError, match="allow_random_init") as exc:
+        load_base_model(no_weights)
+    assert exc.value.code == "invalid_base_model"
+    with pytest.raises(ModelLoadError, match="random weights"):
+        check_base_model_names(BaseModelSpec(arch="ViT-B-16"), custom_config=False)
+    load_base_model(tiny_spec)  # allow_random_init=True
+    check_base_model_names(
+        BaseModelSpec(arch="ViT-B-16", allow_random_init=True), custom_config=False
+    )
+    check_base_model_names(BaseModelSpec(arch="ViT-B-16", pretrained="openai"), custom_config=False)
+    with pytest.raises(ModelLoadError, match="unknown open_clip architecture"):
+        check_base_model_names(
+            BaseModelSpec(arch="ViT-Nope-99", pretrained="x"), custom_config=False
+        )
+    with pytest.raises(ModelLoadError, match="unknown pretrained tag"):
+        check_base_model_names(
+            BaseModelSpec(arch="ViT-B-16", pretrained="nope"), custom_config=False
+        )
+
+
+def test_openai_format_checkpoint_file_gets_quick_gelu(tmp_path: Path, tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    from open_clip.transformer import QuickGELU
+
+    base = load_base_model(tiny_spec)
+    state = dict(base.clip.state_dict())
+    # OpenAI's own checkpoints carry these entries next to the weights.
+    state.update(
+        input_resolution=torch.tensor(64),
+        context_length=torch.tensor(77),
+        vocab_size=torch.tensor(49408),
+    )
+    ckpt = tmp_path / "openai-format.pt"
+    torch.save(state, ckpt)
+    loaded = load_base_model(
+        BaseModelSpec(arch="must-tiny", config=tiny_spec.config, checkpoint=str(ckpt))
+    )
+    acts = [m for m in loaded.clip.visual.modules() if isinstance(m, QuickGELU)]
+    assert acts, "OpenAI weights given as a checkpoint file must run with QuickGELU"
+    assert loaded.model_cfg["quick_gelu"] is True
+    assert torch.equal(loaded.clip.visual.proj, base.clip.visual.proj)
+    # an open_clip-format checkpoint keeps GELU unless asked
+    plain = tmp_path / "plain.pt"
+    torch.save(base.clip.state_dict(), plain)
+    spec = BaseModelSpec(arch="must-tiny", config=tiny_spec.config, checkpoint=str(plain))
+    assert not any(isinstance(m, QuickGELU) for m in load_base_model(spec).clip.modules())
+    forced = spec.model_copy(update={"force_quick_gelu": True})
+    assert any(isinstance(m, QuickGELU) for m in load_base_model(forced).clip.modules())
+
+
+def test_float_randaugment_magnitude(tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from must_core.ml.config import make_config
+    from must_core.ml.data import StrongView, strong_transform
+
+    pp = load_base_model(tiny_spec).preprocess
+    cfg = make_config(randaug_magnitude=7.5)
+    view = StrongView(pp, cfg.strong_crop_scale, 2, cfg.randaug_magnitude, 0.5)
+    assert view.augment is not None
+    assert all(op.magnitude == 7.5 for op in view.augment.ops)
+    out = view(np.full((80, 80, 3), 120, np.uint8))
+    assert out.shape == (3, pp.image_size, pp.image_size)
+    tf = strong_transform(pp, magnitude=7.5)
+    from PIL import Image
+
+    assert tf(Image.new("RGB", (80, 80))).shape[0] == 3
+
+
+def test_bf16_head_logits_are_fp32(tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    model = build_must_model(load_base_model(tiny_spec), CLASSES, ["{}"])
+    x = torch.randn(2, 3, model.image_size, model.image_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert isinstance(logits, torch.Tensor) and logits.dtype == torch.float32
+
+
+def test_resume_with_other_hyperparameters_is_refused(tmp_path: Path, tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    data = tmp_path / "d"
+    write_images(data, 16, seed=5)
+    cfg = _cfg(epochs=1, batch_size=4, checkpoint_every_steps=100)
+    stop_at = {"n": 0}
+
+    def stop() -> bool:
+        stop_at["n"] += 1
+        return stop_at["n"] > 2
+
+    kw = {
+        "images_dir": data,
+        "class_names": CLASSES,
+        "output_dir": tmp_path / "o",
+        "base_model": tiny_spec,
+    }
+    assert adapt(cfg, should_stop=stop, **kw).status == "stopped"
+    with pytest.raises(CheckpointError, match="fair_weight"):
+        adapt(cfg.model_copy(update={"fair_weight": 1.0}), **kw)
+    # runtime settings may differ
+    res = adapt(cfg.model_copy(update={"progress_every_steps": 3, "eval_batch_size": 7}), **kw)
+    assert res.status == "completed" and res.resumed_from_step == 2

@@ -17,6 +17,9 @@ from must_core.db.session import make_engine, make_sessionmaker, session_scope
 from must_core.settings import Settings
 from tests.bad_inputs import BAD_JOB_PATCHES, BAD_LIST_QUERIES, raw_json
 
+# A base model without weights: allowed only when asked for (tests only).
+RANDOM_OK = {"arch": "ViT-B-16", "allow_random_init": True}
+
 
 def _settings(tmp_path: Path, **extra: Any) -> Settings:
     base: dict[str, Any] = {
@@ -71,6 +74,7 @@ def test_submit_queues_on_filesystem_broker(client: TestClient, settings: Settin
         json={
             "dataset_uri": f"file://{data}",
             "class_names": ["a", "b"],
+            "base_model": RANDOM_OK,
             "params": {"preset": "dtd_vit_b16", "epochs": 1},
         },
     )
@@ -108,7 +112,12 @@ def test_unstorable_input_is_422_and_commits_nothing(
     headers = {"Authorization": f"Bearer {_key(settings, 't')}", "content-type": "application/json"}
     data = settings.data_dir / "ds"
     data.mkdir(exist_ok=True)
-    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"], **patch}
+    body = {
+        "dataset_uri": f"file://{data}",
+        "class_names": ["a", "b"],
+        "base_model": RANDOM_OK,
+        **patch,
+    }
     r = client.post("/v1/jobs", headers=headers, content=raw_json(body))
     assert r.status_code == 422, r.text
     assert r.headers["content-type"] == "application/problem+json"
@@ -129,7 +138,7 @@ def test_idempotency_key_returns_the_same_job(client: TestClient, settings: Sett
     headers = {"Authorization": f"Bearer {_key(settings, 't')}", "Idempotency-Key": "order-42"}
     data = settings.data_dir / "ds"
     data.mkdir()
-    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"]}
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"], "base_model": RANDOM_OK}
     first = client.post("/v1/jobs", headers=headers, json=body)
     again = client.post("/v1/jobs", headers=headers, json=body)
     assert first.status_code == again.status_code == 202, again.text
@@ -156,7 +165,7 @@ def test_delete_finished_job_removes_row_model_and_artifacts(
     headers = {"Authorization": f"Bearer {_key(settings, 't')}"}
     data = settings.data_dir / "ds"
     data.mkdir()
-    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"]}
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"], "base_model": RANDOM_OK}
     jid = client.post("/v1/jobs", headers=headers, json=body).json()["id"]
     assert client.delete(f"/v1/jobs/{jid}", headers=headers).json()["code"] == "job_not_finished"
     store = make_store(settings)
@@ -200,3 +209,25 @@ def test_metrics_behind_a_setting(tmp_path: Path, mode: str, status: int) -> Non
         )
         latin1 = {"Authorization": "Bearer \xe9".encode("latin-1")}
         assert c.get("/metrics", headers=latin1).status_code == status
+
+
+@pytest.mark.parametrize(
+    ("base_model", "needle"),
+    [
+        ({}, "allow_random_init"),  # the default ViT-B-16 with no weights
+        ({"arch": "ViT-B-16", "pretrained": None}, "random weights"),
+        ({"arch": "ViT-Nope-99", "pretrained": "openai"}, "unknown open_clip architecture"),
+        ({"arch": "ViT-B-16", "pretrained": "no-such-tag"}, "unknown pretrained tag"),
+    ],
+)
+def test_base_model_checked_at_submission(
+    client: TestClient, settings: Settings, base_model: dict[str, Any], needle: str
+) -> None:
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}"}
+    data = settings.data_dir / "ds"
+    data.mkdir(exist_ok=True)
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"], "base_model": base_model}
+    r = client.post("/v1/jobs", headers=headers, json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == "invalid_base_model" and needle in r.json()["detail"]
+    assert client.get("/v1/jobs", headers=headers).json()["total"] == 0

@@ -1,0 +1,404 @@
+"""The shift *suite*: the engine's defaults against zero-shot on several target domains at once.
+
+    python -m benchmarks.shift.suite --cache .cache/shift          # seeds 0, every default variant
+
+Three target domains, all rendered offline (benchmarks/shift/data.py) and classified by the same tiny
+CLIP pretrained on the source icons (benchmarks/shift/pretrain.py, cached):
+
+- ``shapes10``: the shift benchmark's target (10 balanced shape classes on cluttered prints);
+- ``shapes10_imbalanced``: the same renderer with a 10:1 class prior (frequency ∝ 10^(−i/9));
+- ``where80``: 80 classes "<size> <shape> in the <top|bottom> <left|right>": a mirror flip changes
+  the class (left ↔ right), so a flip augmentation teaches the student the wrong label.
+
+Every run is scored on the domain's validation split (for choices) and its test split (reported);
+the test split is never used to choose anything. Results go to docs/benchmarks/shift_suite.json.
+Finished runs are cached under ``CACHE/suite/`` and reused when nothing that changes them changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks.shift.data import CLASSES, TEMPLATES, render_target_placed, style_key, write_target
+
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right")
+WHERE_CLASSES = tuple(f"{s} {c} in the {p}" for s in SIZES for c in CLASSES for p in POSITIONS)
+WHERE_TEMPLATES = ("a picture of a {}.", "a {}.", "a photo of a {}.")
+DATA_SEED = 7
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    classes: tuple[str, ...]
+    templates: tuple[str, ...]
+    imbalance_ratio: float  # most / least frequent class in every split
+    flip_changes_class: bool
+    n_adapt: int
+    n_val: int
+    n_test: int
+
+
+DOMAINS: dict[str, Domain] = {
+    "shapes10": Domain("shapes10", CLASSES, TEMPLATES, 1.0, False, 1280, 1000, 2000),
+    "shapes10_imbalanced": Domain(
+        "shapes10_imbalanced", CLASSES, TEMPLATES, 10.0, False, 1280, 800, 1600
+    ),
+    "where80": Domain("where80", WHERE_CLASSES, WHERE_TEMPLATES, 1.0, True, 1280, 800, 1600),
+}
+
+# The reference's modal settings over its B/16 configs (spec §7) at our batch: fair 1, crop (0.3, 1),
+# flip, mask 0.1, align 0.2, conf 0.5 ... and its EMA schedule without the horizon cap; lr 2e-5 (the
+# most common value) and its random mask-token init.
+REFERENCE = {
+    "fair_weight": 1.0,
+    "fair_marginal": "reference",
+    "strong_crop_scale": (0.3, 1.0),
+    "strong_hflip": 0.5,
+    "ema_horizon": 0.0,
+    "lr": 2e-5,
+    "mask_token_init": "random",
+}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "must_default": {},
+    # main's defaults before this suite: per-batch marginal, flip always on
+    "must_previous_default": {"fair_marginal": "reference", "strong_hflip": 0.5},
+    "must_reference": REFERENCE,
+    # a plain self-training loop: EMA teacher pseudo-labels, no mask/MIM/alignment, gentle
+    # augmentation (crop only, no flip, no RandAugment), fairness weight 1
+    "self_training_plain": {
+        "mask_ratio": 0.0,
+        "mim_weight": 0.0,
+        "align_weight": 0.0,
+        "fair_weight": 1.0,
+        "strong_hflip": 0.0,
+        "randaug_num_ops": 0,
+    },
+    "no_fair": {"fair_weight": 0.0},
+    "batch_marginal": {"fair_marginal": "reference"},
+    "flip_on": {"strong_hflip": 0.5},
+    "estimated_prior": {"fair_prior": "estimated"},
+}
+DEFAULT_VARIANTS = ("must_default", "must_previous_default", "self_training_plain", "no_fair")
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def _imbalanced_labels(n: int, k: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+    freq = ratio ** (-np.arange(k) / max(1, k - 1))
+    counts = np.maximum(1, np.round(n * freq / freq.sum())).astype(int)
+    labels = np.repeat(np.arange(k), counts)
+    rng.shuffle(labels)
+    return labels
+
+
+def write_domain(root: Path, d: Domain) -> dict[str, Path]:
+    """The adapt (unlabeled, flat) / val / test (class subfolders) splits of a domain, cached."""
+    if d.name == "shapes10":
+        s = write_target(root, d.n_adapt, d.n_val, d.n_test, DATA_SEED)
+        return {"adapt": s.adapt_dir, "val": s.val_dir, "test": s.test_dir}
+    splits = {"adapt": root / "adapt", "val": root / "val", "test": root / "test"}
+    stamp = f"{style_key()} {d!r} seed={DATA_SEED} v1\n"
+    done = root / ".complete"
+    if done.exists() and done.read_text() == stamp:
+        return splits
+    for i, (split, n) in enumerate((("adapt", d.n_adapt), ("val", d.n_val), ("test", d.n_test))):
+        folder = splits[split]
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        rng = np.random.default_rng([DATA_SEED, 100 + i, len(d.classes)])
+        if d.name == "where80":
+            shapes = np.arange(n) % len(CLASSES)
+            rng.shuffle(shapes)
+        else:
+            shapes = _imbalanced_labels(n, len(CLASSES), d.imbalance_ratio, rng)
+        for j, shape in enumerate(shapes):
+            img, size, pos = render_target_placed(rng, int(shape))
+            name = (
+                CLASSES[shape] if d.name != "where80" else f"{size} {CLASSES[shape]} in the {pos}"
+            )
+            sub = folder if split == "adapt" else folder / name
+            sub.mkdir(exist_ok=True)
+            img.save(sub / f"{j:05d}.png")
+    done.write_text(stamp)
+    return splits
+
+
+def _eval(model: torch.nn.Module, folder: Path, d: Domain, preprocess: Any) -> dict[str, float]:
+    from must_core.ml.data import scan_labelled
+    from must_core.ml.evaluate import evaluate_folder
+
+    items, _ = scan_labelled(folder, list(d.classes))
+    r = evaluate_folder(
+        model, items, preprocess, num_classes=len(d.classes), device=torch.device("cpu")
+    )
+    return {"top1": round(r.top1, 2), "mean_per_class": round(r.mean_per_class, 2)}
+
+
+def _zero_shot(base: Any, d: Domain) -> tuple[torch.nn.Module, Any]:
+    from must_core.ml.model import build_must_model, load_base_model
+
+    clip = load_base_model(base)
+    return build_must_model(clip, list(d.classes), list(d.templates)).eval(), clip.preprocess
+
+
+def run_one(
+    d: Domain, variant: str, seed: int, base: Any, splits: dict[str, Path], out: Path, key: str
+) -> dict[str, Any]:
+    from must_core.ml import checkpoint as ckpt
+    from must_core.ml.config import make_config
+    from must_core.ml.train import adapt
+
+    cached = out / "bench_result.json"
+    if cached.exists():
+        data = json.loads(cached.read_text())
+        if data.get("key") == key:
+            _log(f"{d.name} {variant} seed {seed}: reusing the finished run")
+            return data["result"]  # type: ignore[no-any-return]
+    cfg = make_config(**VARIANTS[variant], seed=seed, num_threads=1, device="cpu", num_workers=0)
+    t0 = time.monotonic()
+    res = adapt(
+        cfg,
+        images_dir=splits["adapt"],
+        class_names=list(d.classes),
+        output_dir=out,
+        base_model=base,
+        templates=list(d.templates),
+        resume=False,
+    )
+    seconds = time.monotonic() - t0
+    state = ckpt.load_training_checkpoint(res.checkpoint_path)
+    model, preprocess = _zero_shot(base, d)
+    scores: dict[str, Any] = {}
+    for which in ("student", "ema"):
+        model.load_state_dict(state[which])
+        for split in ("val", "test"):
+            scores[f"{which}_{split}"] = _eval(model, splits[split], d, preprocess)
+    m = res.metrics
+    result = {
+        "seed": seed,
+        "steps": res.step,
+        "seconds": round(seconds, 1),
+        **scores,
+        "served_model": m.get("served_model"),
+        "warnings": [w["code"] for w in m.get("warnings", [])],
+        "health": {k: v for k, v in (m.get("health") or {}).items() if k != "class_counts"},
+        "augmentation": m.get("augmentation"),
+        "train": m.get("train"),
+    }
+    _log(
+        f"{d.name} {variant} seed {seed}: val {scores['student_val']['top1']:.2f} test "
+        f"{scores['student_test']['top1']:.2f} (ema test {scores['ema_test']['top1']:.2f}) "
+        f"warnings {result['warnings']} in {seconds:.0f}s"
+    )
+    cached.write_text(json.dumps({"key": key, "result": result}))
+    for f in ("last.pt", "model.safetensors", "model_ema.safetensors"):
+        (out / f).unlink(missing_ok=True)  # the numbers are kept; the weights are not needed
+    return result
+
+
+def _summary(runs: list[dict[str, Any]], zero_shot_test: float) -> dict[str, Any]:
+    def col(which: str, split: str, metric: str = "top1") -> list[float]:
+        return [r[f"{which}_{split}"][metric] for r in runs]
+
+    served = []
+    for r in runs:
+        w = (r.get("served_model") or {}).get("weights", "student")
+        served.append(
+            zero_shot_test
+            if w == "zero_shot"
+            else r[f"{'ema' if w == 'ema' else 'student'}_test"]["top1"]
+        )
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "top1_per_seed": col("student", "test"),
+        "top1_mean": round(statistics.fmean(col("student", "test")), 2),
+        "mean_per_class_mean": round(statistics.fmean(col("student", "test", "mean_per_class")), 2),
+        "val_top1_per_seed": col("student", "val"),
+        "val_top1_mean": round(statistics.fmean(col("student", "val")), 2),
+        "ema_top1_per_seed": col("ema", "test"),
+        "ema_val_top1_per_seed": col("ema", "val"),
+        "served_top1_per_seed": served,
+        "steps": runs[0]["steps"],
+        "seconds_per_run": [r["seconds"] for r in runs],
+        "warnings_per_seed": [r["warnings"] for r in runs],
+        "served_per_seed": [(r.get("served_model") or {}).get("weights") for r in runs],
+        "health_last": [r["health"] for r in runs],
+        "augmentation": runs[0].get("augmentation"),
+    }
+
+
+HEADING = "## Shift suite: defaults across several target domains (`benchmarks/shift/suite.py`)"
+
+
+def _cells(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The suite's section of docs/benchmarks.md (numbers from shift_suite.json only)."""
+    lines = [
+        HEADING,
+        "",
+        "Generated from `docs/benchmarks/shift_suite.json` by `python -m benchmarks.shift.suite` "
+        "(what the numbers say: the next section). Top-1 % on each domain's **test** split "
+        "(scored once per run, never used for a choice) and on its validation split; `served` is "
+        'what `served_model="auto"` chose; `warnings` the health rule\'s flags; seeds as listed.',
+        "",
+    ]
+    for name, b in result["benchmarks"].items():
+        zs = b["zero_shot"]
+        lines += [
+            f"### {name}: {b['num_classes']} classes, imbalance {b['imbalance_ratio']:g}:1"
+            + (", a flip changes the class" if b.get("flip_changes_class") else ""),
+            "",
+            f"Zero-shot: test {zs['top1']:.2f} (mean-per-class {zs['mean_per_class']:.2f}), "
+            f"val {zs['val_top1']:.2f}.",
+            "",
+            "| run | seeds | steps | test top-1 per seed | mean-per-class | EMA test | val top-1 | vs zero-shot | "
+            "served | warnings |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for v, r in b["runs"].items():
+            gain = r["top1_mean"] - zs["top1"]
+            lines.append(
+                f"| {v} | {r['seeds']} | {r['steps']} | {_cells(r['top1_per_seed'])} | "
+                f"{r['mean_per_class_mean']:.2f} | {_cells(r['ema_top1_per_seed'])} | "
+                f"{_cells(r['val_top1_per_seed'])} | {gain:+.2f} | {r['served_per_seed']} | "
+                f"{r['warnings_per_seed']} |"
+            )
+        aug = next(
+            (r.get("augmentation") for r in b["runs"].values() if r.get("augmentation")), None
+        )
+        if aug and "flip_agreement" in aug:
+            lines += [
+                "",
+                f"Label-free flip rule (default run): flip agreement {aug['flip_agreement']:.3f}, "
+                f"shift agreement {aug['shift_agreement']:.3f} → flip p = {aug['hflip']}.",
+            ]
+        lines.append("")
+    lines.append(f"Suite wall time of the last invocation: {result['wall_seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def splice(existing: str, section: str) -> str:
+    """Replace only this section of docs/benchmarks.md (or append it)."""
+    if HEADING not in existing:
+        return existing.rstrip("\n") + "\n\n" + section
+    start = existing.index(HEADING)
+    nxt = existing.find("\n## ", start + len(HEADING))
+    return existing[:start] + section + ("" if nxt < 0 else existing[nxt:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cache", type=Path, default=Path(".cache/shift"))
+    ap.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
+    ap.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/shift_suite.json"))
+    ap.add_argument("--markdown", type=Path, default=Path("docs/benchmarks.md"))
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    t_all = time.monotonic()
+
+    from benchmarks.shift.pretrain import SUITE_STAGES, pretrain
+    from must_core.ml.config import BaseModelSpec, make_config
+
+    info = pretrain(args.cache / "model", log=_log, stages=SUITE_STAGES)
+    base = BaseModelSpec(arch=f"local-dir:{Path(info['path']).resolve()}")
+    previous = json.loads(args.out.read_text()) if args.out.exists() else {}
+    result: dict[str, Any] = {"benchmarks": dict(previous.get("benchmarks", {}))}
+    for name in args.domains:
+        d = DOMAINS[name]
+        t0 = time.monotonic()
+        splits = write_domain(args.cache / "suite" / name / "data", d)
+        zs_model, preprocess = _zero_shot(base, d)
+        zs = {split: _eval(zs_model, splits[split], d, preprocess) for split in ("val", "test")}
+        _log(
+            f"{name}: data {time.monotonic() - t0:.0f}s; zero-shot val {zs['val']['top1']:.2f} test {zs['test']['top1']:.2f}"
+        )
+        entry = result["benchmarks"].get(name, {})
+        runs = dict(entry.get("runs", {}))
+        common = {
+            "pretrain": info["stages"][-1]["fingerprint"],
+            "domain": repr(d),
+            "style": style_key(),
+            "defaults": make_config().model_dump(mode="json"),
+        }
+        for variant in args.variants:
+            per_seed = []
+            for seed in args.seeds:
+                key = hashlib.sha256(
+                    json.dumps(
+                        {**common, "variant": VARIANTS[variant], "seed": seed},
+                        sort_keys=True,
+                        default=str,
+                    ).encode()
+                ).hexdigest()[:16]
+                out = args.cache / "suite" / name / "runs" / f"{variant}_seed{seed}"
+                per_seed.append(run_one(d, variant, seed, base, splits, out, key))
+            runs[variant] = {
+                **_summary(per_seed, zs["test"]["top1"]),
+                "overrides": VARIANTS[variant],
+            }
+        result["benchmarks"][name] = {
+            "num_classes": len(d.classes),
+            "imbalance_ratio": d.imbalance_ratio,
+            "flip_changes_class": d.flip_changes_class,
+            "splits": {"adapt_unlabeled": d.n_adapt, "val": d.n_val, "test": d.n_test},
+            "zero_shot": {
+                **zs["test"],
+                "val_top1": zs["val"]["top1"],
+                "val_mean_per_class": zs["val"]["mean_per_class"],
+            },
+            "runs": runs,
+        }
+    total = time.monotonic() - t_all
+    result.update(
+        {
+            "suite": "shift_suite",
+            "description": "tiny CLIP pretrained on rendered icons, adapted without labels to three "
+            "rendered target domains; top-1 in percent, test split unless named val",
+            "engine_config": make_config().model_dump(mode="json"),
+            "command": " ".join(["python -m benchmarks.shift.suite", *(argv or sys.argv[1:])]),
+            "wall_seconds": round(total, 1),
+            "pretrain_cached": bool(info["cached"]),
+            "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+        }
+    )
+    for name, b in result["benchmarks"].items():
+        for v, r in b["runs"].items():
+            _log(
+                f"{name} {v}: test {r['top1_per_seed']} val {r['val_top1_per_seed']} (zero-shot {b['zero_shot']['top1']})"
+            )
+    if not args.no_write:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        md = Path(args.markdown)
+        md.write_text(splice(md.read_text() if md.exists() else "", markdown(result)))
+        _log(f"wrote {args.out} and {md}; {total:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
