@@ -80,7 +80,7 @@ rates = []
 cfg = make_config(batch_size=64, epochs=1, device="cuda", num_workers=15, num_threads=4,
                   progress_every_steps=5, export_ema=False, prepare_workers=15)
 adapt(cfg, images_dir=images, class_names=[f"c{i}" for i in range(10)], output_dir=out,
-      base_model=BaseModelSpec(arch="ViT-B-16"), resume=False,
+      base_model=BaseModelSpec(arch="ViT-B-16", allow_random_init=True), resume=False,
       on_progress=lambda ev: rates.append(ev.images_per_second),
       prepared_cache=Path(cache) if cache != "-" else None)
 print(json.dumps({"images_per_second": sum(rates[2:]) / max(1, len(rates[2:]))}))

@@ -289,7 +289,8 @@ function submitPage() {
     const v = (id) => document.getElementById(id).value.trim();
     const num = (id, f = parseInt) => (v(id) ? f(v(id)) : undefined);
     const bm = { arch: v("arch") || undefined, pretrained: v("pretrained") || undefined,
-      config_uri: v("config_uri") || undefined, checkpoint_uri: v("checkpoint_uri") || undefined };
+      config_uri: v("config_uri") || undefined, checkpoint_uri: v("checkpoint_uri") || undefined,
+      allow_random_init: document.getElementById("allow_random_init").checked || undefined };
     const body = {
       dataset_uri: v("dataset_uri"),
       class_names: v("class_names").split(/[\n,]/).map((s) => s.trim()).filter(Boolean),
@@ -309,6 +310,7 @@ function submitPage() {
   field("Pretrained tag", inp("pretrained", { placeholder: "e.g. openai" })),
   field("Model config URI", inp("config_uri", { placeholder: "optional open_clip config JSON" })),
   field("Checkpoint URI", inp("checkpoint_uri", { placeholder: "optional weights" })),
+  field("Random weights (tests only)", inp("allow_random_init", { type: "checkbox" })),
   field("Eval dataset URI", inp("eval_dataset_uri", { placeholder: "optional labelled folder (one subfolder per class)" })),
   field("Preset", inp("preset", { placeholder: "optional" })),
   field("Epochs", inp("epochs", { type: "number", min: 1 })),

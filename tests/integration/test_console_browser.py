@@ -111,6 +111,7 @@ def test_console_end_to_end(
     page.fill("#class_names", "\n".join(CLASSES))
     page.fill("#arch", "must-tiny")
     page.fill("#config_uri", tiny_config_uri)
+    page.check("#allow_random_init")  # the tiny test CLIP has no pretrained weights
     page.fill("#eval_dataset_uri", eval_set)
     page.fill("#epochs", "4")
     page.fill("#batch_size", "4")

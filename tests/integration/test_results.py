@@ -281,7 +281,11 @@ def test_python_client_end_to_end(
         job = must.submit(
             dataset,
             CLASSES,
-            base_model={"arch": "must-tiny", "config_uri": tiny_config_uri},
+            base_model={
+                "arch": "must-tiny",
+                "config_uri": tiny_config_uri,
+                "allow_random_init": True,
+            },
             params={"epochs": 1, "batch_size": 4, "min_steps": 4},
             name=f"client-{stamp}",
         )
