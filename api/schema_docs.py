@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 JOB_ID = "3f1c9a2e-8d4b-4c1e-9a7f-2b6d5e8c0a11"
+WEBHOOK_ID = "0e4c2a6b-7d1f-4b3a-9c5e-8f2a1d3b4c60"
 MODEL_ID = "9b2e4d6f-1a3c-4e5b-8d7f-0c2a4b6d8e10"
 TS = "2026-12-02T04:20:00Z"
 BASE = {"arch": "ViT-B-16", "pretrained": "openai"}
@@ -23,6 +24,7 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
         "config_uri": ("open_clip model config JSON (file://, s3:// or https://)", None),
         "checkpoint_uri": ("CLIP weights to start from (file://, s3:// or https://)", None),
         "force_quick_gelu": ("use QuickGELU activations (OpenAI weights); null: automatic", None),
+        "allow_random_init": ("allow an architecture without weights (tests, benchmarks)", False),
     },
     "JobParams": {
         "preset": ("a named hyperparameter preset; the other fields override it", None),
@@ -33,6 +35,10 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
         "lr": ("base learning rate", 0.0001),
         "min_steps": ("train at least this many optimizer steps (more epochs if needed)", 400),
         "seed": ("random seed of the run", 0),
+        "predict_dataset": (
+            "label the job's own dataset after training (a predictions file)",
+            False,
+        ),
     },
     "JobCreate": {
         "dataset_uri": (
@@ -45,6 +51,9 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
         "base_model": ("which CLIP to start from", BASE),
         "eval_dataset_uri": ("optional labelled folder, one subfolder per class name", None),
         "params": ("hyperparameters (preset + overrides)", {"epochs": 10}),
+        "name": ("the model's name; each job under a name adds a version", None),
+        "tags": ("tags for the model (resolve as name:TAG)", []),
+        "callback_url": ("URL that receives a signed event when the job ends", None),
     },
     "Progress": {
         "step": ("optimizer steps done", 120),
@@ -60,6 +69,19 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
         "message": ("what went wrong", "no decodable image under s3://my-bucket/photos/"),
     },
     "JobMetrics": {
+        "predictions": (
+            "a predictions file's counts: num_images, num_predicted, num_skipped",
+            None,
+        ),
+        "health": (
+            "label-free run health of the last interval (docs/algorithm.md, Run health)",
+            {"entropy_ratio": 0.93, "max_class_share": 0.14, "agree_zero_shot": 0.71},
+        ),
+        "served_model": (
+            "which weights are served and why",
+            {"weights": "student", "reason": "healthy"},
+        ),
+        "augmentation": ("the strong-view recipe and how it was chosen", {"hflip": 0.5}),
         "train": (
             "latest losses (loss, st, fair, mim, align) and conf_ratio",
             {"loss": 1.9, "conf_ratio": 0.7},
@@ -86,6 +108,8 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
     },
     "JobRead": {
         "id": ("job id", JOB_ID),
+        "kind": ("adapt (an adaptation job) or predict (a predictions job)", "adapt"),
+        "warnings": ("run-health warnings (collapsed, degraded); empty when healthy", []),
         "status": ("queued | running | succeeded | failed | cancelled", "running"),
         "dataset_uri": ("as submitted", "s3://my-bucket/photos/"),
         "eval_dataset_uri": ("as submitted", None),
@@ -117,6 +141,15 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
     },
     "ModelRead": {
         "id": ("model id", MODEL_ID),
+        "name": ("the model's name, if its job gave one", "shelf-photos"),
+        "version": ("its version under that name (1, 2, ...)", 3),
+        "tags": ("its tags", ["prod"]),
+        "sha256": ("SHA-256 of the safetensors file (also the download's Repr-Digest)", None),
+        "formats": (
+            "download formats: safetensors, safetensors_ema, onnx",
+            ["safetensors", "onnx"],
+        ),
+        "onnx_size_bytes": ("size of the ONNX export", None),
         "job_id": ("the job that produced it", JOB_ID),
         "class_names": ("its classes, in logit order", CLASSES),
         "base_model": ("the CLIP it was adapted from", BASE),
@@ -183,6 +216,57 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
         "label": ("the top class", "cat"),
         "score": ("its softmax probability", 0.91),
         "top_k": ("the k best classes, best first", [{"label": "cat", "index": 0, "score": 0.91}]),
+    },
+    "DeliveryList": {"items": ("deliveries, newest first", [])},
+    "DeliveryRead": {
+        "id": (
+            "delivery id (the same on every retry; receivers can de-duplicate by it)",
+            WEBHOOK_ID,
+        ),
+        "job_id": ("the job the event is about", JOB_ID),
+        "endpoint_id": ("the registered endpoint, or null for a job's callback_url", None),
+        "url": ("where the event is sent", "https://example.com/hooks/must"),
+        "event": ("event type", "job.succeeded"),
+        "status": ("pending | delivered | failed", "delivered"),
+        "attempts": ("POSTs made so far", 1),
+        "next_attempt_at": ("when the next attempt is due (pending)", TS),
+        "last_status_code": ("HTTP status of the last attempt", 200),
+        "last_error": ("why the last attempt failed", None),
+        "created_at": ("when the event was queued", TS),
+        "delivered_at": ("when a 2xx answer came", TS),
+    },
+    "WebhookCreate": {
+        "url": (
+            "receiver URL (public http/https; the dataset SSRF policy applies)",
+            "https://example.com/hooks/must",
+        ),
+        "events": ("event types to send", ["job.succeeded", "job.failed", "job.cancelled"]),
+    },
+    "WebhookList": {"items": ("the tenant's endpoints", [])},
+    "WebhookRead": {
+        "id": ("endpoint id", WEBHOOK_ID),
+        "url": ("receiver URL", "https://example.com/hooks/must"),
+        "events": ("event types sent", ["job.succeeded", "job.failed"]),
+        "created_at": ("creation time", TS),
+        "secret": ("", None),
+    },
+    "WebhookSecret": {"secret": ("", "whsec_3q2+7w")},
+    "JobWarning": {
+        "code": ("collapsed | degraded (docs/algorithm.md, Run health)", "degraded"),
+        "message": (
+            "what the health rule saw",
+            "predicted-class entropy fell far below zero-shot's",
+        ),
+    },
+    "ModelTagsUpdate": {"tags": ("the model's tags after the update", ["prod"])},
+    "PredictionsCreate": {
+        "dataset_uri": (
+            "the images to label (same URI kinds and policy as jobs)",
+            "s3://my-bucket/more-photos/",
+        ),
+        "top_k": ("labels per image", 5),
+        "batch_size": ("images per forward pass (default: the worker's)", 64),
+        "callback_url": ("URL that receives a signed event when the job ends", None),
     },
     "ClassifyResponse": {
         "model_id": ("", MODEL_ID),

@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Query, Response, status
+from fastapi import Path as PathParam
 from sqlalchemy import delete, select
 
 from api.deps import SessionDep, SettingsDep, TenantDep
@@ -79,8 +80,15 @@ def _view(e: WebhookEndpoint, *, with_secret: bool = False) -> WebhookRead:
     )
 
 
+WebhookId = PathParam(description="the endpoint's id")
+
+
 @router.delete("/endpoints/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT, responses=_404)
-def delete_webhook(webhook_id: uuid.UUID, session: SessionDep, tenant: TenantDep) -> Response:
+def delete_webhook(
+    session: SessionDep,
+    tenant: TenantDep,
+    webhook_id: uuid.UUID = WebhookId,
+) -> Response:
     """Remove an endpoint; its pending deliveries go with it."""
     res = session.execute(
         delete(WebhookEndpoint).where(

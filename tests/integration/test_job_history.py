@@ -52,7 +52,9 @@ def test_history_has_every_progress_point(
         assert {"loss", "st", "fair", "mim", "align"} <= p["losses"].keys()
         assert 0.0 <= p["conf_ratio"] <= 1.0 and p["lr"] > 0 and p["images_per_second"] > 0
         assert p["total_steps"] == STEPS and p["epoch"] >= 0
-    assert h["health"] == []  # the engine reports no health intervals (yet)
+    # the run-health intervals (every health_every_steps and at the end) come in their own list
+    assert h["health"] and all(e["kind"] == "health" for e in h["health"])
+    assert h["health"][-1]["step"] == 12
     later = client_a.get(f"/v1/jobs/{jid}/history", params={"after_step": 9}).json()
     assert [p["step"] for p in later["points"]] == [10, 11, 12]
     huge = client_a.get(f"/v1/jobs/{jid}/history", params={"after_step": 2**31})
