@@ -156,6 +156,11 @@ def test_outbox_survives_a_dead_sender_and_announces_once(pg_url: str) -> None:
     sessions = make_sessionmaker(make_engine(pg_url))
     try:
         with session_scope(sessions) as s:
+            # the database is shared with earlier tests: their unsent deliveries are not ours to lease
+            s.query(WebhookDelivery).filter(WebhookDelivery.status == "pending").update(
+                {"status": "failed"}
+            )
+        with session_scope(sessions) as s:
             tenant = queries.get_or_create_tenant(s, f"outbox-{time.time_ns()}")
             ids = []
             for url in (good.url, bad.url):
