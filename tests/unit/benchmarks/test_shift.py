@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from benchmarks.shift.data import CLASSES, IMAGE_SIZE, render_target, source_pairs, write_target
 from benchmarks.shift.pretrain import MODEL_CFG, augment, fingerprint
@@ -179,7 +180,13 @@ def test_diagnostics_helpers() -> None:
 def test_suite_domains_and_data(tmp_path: Path) -> None:
     import dataclasses
 
-    from benchmarks.shift.suite import DOMAINS, VARIANTS, WHERE_CLASSES, write_domain
+    from benchmarks.shift.suite import (
+        DOMAINS,
+        PLACE_CLASSES,
+        VARIANTS,
+        WHERE_CLASSES,
+        write_domain,
+    )
     from must_core.ml.config import make_config
 
     assert len(WHERE_CLASSES) == 80 and DOMAINS["where80"].flip_changes_class
@@ -195,6 +202,19 @@ def test_suite_domains_and_data(tmp_path: Path) -> None:
     splits = write_domain(tmp_path / "where", where)
     names = {d.name for d in splits["val"].iterdir()}
     assert names <= set(WHERE_CLASSES) and any("left" in n for n in names)
+    place = dataclasses.replace(DOMAINS["place40"], n_adapt=4, n_val=40, n_test=4)
+    names = {d.name for d in write_domain(tmp_path / "place", place)["val"].iterdir()}
+    assert names <= set(PLACE_CLASSES) and any("bottom right" in n for n in names)
+
+    def roughness(folder: Path) -> float:  # mean |difference| between horizontal neighbours
+        imgs = [np.asarray(Image.open(f), np.float32) for f in sorted(folder.rglob("*.png"))]
+        return float(np.mean([np.abs(np.diff(a, axis=1)).mean() for a in imgs]))
+
+    small = dataclasses.replace(DOMAINS["shapes10_small"], n_adapt=4, n_val=20, n_test=4)
+    sharp = dataclasses.replace(small, name="sharp", low_res=0)
+    blurred = write_domain(tmp_path / "small", small)["val"]
+    assert Image.open(next(blurred.rglob("*.png"))).size == (64, 64)
+    assert roughness(blurred) < 0.6 * roughness(write_domain(tmp_path / "sharp", sharp)["val"])
 
 
 def test_suite_markdown_is_spliced_from_the_results() -> None:
