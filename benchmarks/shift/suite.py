@@ -2,7 +2,7 @@
 
     python -m benchmarks.shift.suite --cache .cache/shift   # seeds 0 1 2, the default variants, --jobs = cores
 
-Four target domains, all rendered offline (benchmarks/shift/data.py) and classified by the same tiny
+Five target domains, all rendered offline (benchmarks/shift/data.py) and classified by the same tiny
 CLIP pretrained on the source icons (benchmarks/shift/pretrain.py, cached):
 
 - ``shapes10``: the shift benchmark's target (10 balanced shape classes on cluttered prints);
@@ -61,6 +61,8 @@ class Domain:
     # When set, each image is shrunk to this many pixels and enlarged back. Out of repr (which keys
     # the caches) so that adding it kept the other domains' finished runs; the name carries it.
     low_res: int = field(default=0, repr=False)
+    # A class's folder name from what the renderer drew; out of repr for the same reason.
+    class_format: str = field(default="{shape}", repr=False)
 
 
 DOMAINS: dict[str, Domain] = {
@@ -68,20 +70,32 @@ DOMAINS: dict[str, Domain] = {
     "shapes10_imbalanced": Domain(
         "shapes10_imbalanced", CLASSES, TEMPLATES, 10.0, False, 1280, 800, 1600
     ),
-    "where80": Domain("where80", WHERE_CLASSES, WHERE_TEMPLATES, 1.0, True, 1280, 800, 1600),
+    "where80": Domain(
+        "where80",
+        WHERE_CLASSES,
+        WHERE_TEMPLATES,
+        1.0,
+        True,
+        1280,
+        800,
+        1600,
+        class_format="{size} {shape} in the {pos}",
+    ),
     "shapes10_small": Domain(
         "shapes10_small", CLASSES, TEMPLATES, 1.0, False, 1280, 800, 1600, low_res=20
     ),
-    "place40": Domain("place40", PLACE_CLASSES, WHERE_TEMPLATES, 1.0, True, 1280, 800, 1600),
+    "place40": Domain(
+        "place40",
+        PLACE_CLASSES,
+        WHERE_TEMPLATES,
+        1.0,
+        True,
+        1280,
+        800,
+        1600,
+        class_format="{shape} in the {pos}",
+    ),
 }
-
-
-def _class_name(d: Domain, shape: int, size: str, pos: str) -> str:
-    if d.name == "where80":
-        return f"{size} {CLASSES[shape]} in the {pos}"
-    if d.name == "place40":
-        return f"{CLASSES[shape]} in the {pos}"
-    return CLASSES[shape]
 
 
 # The reference's modal settings over its B/16 configs (spec §7) at our batch: fair 1, crop (0.3, 1),
@@ -152,7 +166,9 @@ def write_domain(root: Path, d: Domain) -> dict[str, Path]:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         rng = np.random.default_rng([DATA_SEED, 100 + i, len(d.classes)])
-        if d.flip_changes_class:
+        if (
+            d.flip_changes_class
+        ):  # position classes: balanced shapes, placed where the renderer puts them
             shapes = np.arange(n) % len(CLASSES)
             rng.shuffle(shapes)
         else:
@@ -162,7 +178,7 @@ def write_domain(root: Path, d: Domain) -> dict[str, Path]:
             if d.low_res:
                 full = img.size
                 img = img.resize((d.low_res, d.low_res), Image.Resampling.BOX).resize(full)
-            name = _class_name(d, int(shape), size, pos)
+            name = d.class_format.format(shape=CLASSES[shape], size=size, pos=pos)
             sub = folder if split == "adapt" else folder / name
             sub.mkdir(exist_ok=True)
             img.save(sub / f"{j:05d}.png")
