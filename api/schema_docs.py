@@ -109,7 +109,7 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
     "JobRead": {
         "id": ("job id", JOB_ID),
         "kind": ("adapt (an adaptation job) or predict (a predictions job)", "adapt"),
-        "warnings": ("run-health warnings (collapsed, degraded); empty when healthy", []),
+        "warnings": ("run-health warnings (collapsed, degraded, diverged); empty when healthy", []),
         "status": ("queued | running | succeeded | failed | cancelled", "running"),
         "dataset_uri": ("as submitted", "s3://my-bucket/photos/"),
         "eval_dataset_uri": ("as submitted", None),
@@ -252,7 +252,7 @@ FIELD_DOCS: dict[str, dict[str, tuple[str, Any]]] = {
     },
     "WebhookSecret": {"secret": ("", "whsec_3q2+7w")},
     "JobWarning": {
-        "code": ("collapsed | degraded (docs/algorithm.md, Run health)", "degraded"),
+        "code": ("collapsed | degraded | diverged (docs/algorithm.md, Run health)", "degraded"),
         "message": (
             "what the health rule saw",
             "predicted-class entropy fell far below zero-shot's",

@@ -174,36 +174,71 @@ def _place(rng: np.random.Generator) -> tuple[float, float, float, float, str, s
     return cx, cy, r, rot, size, f"{row} {col}"
 
 
+SIDES: tuple[str, ...] = ("left", "right")
+# Captions of the "side" layout: every caption names the side, so the pretrained CLIP learns it
+# (the free layout names the position in 2 captions of 8, and its CLIP barely tells it).
+_SIDE_CAPTION_TEMPLATES: tuple[str, ...] = (
+    "a {colour} {shape} on the {pos}.",
+    "a {shape} on the {pos}.",
+    "a photo of a {shape} on the {pos}.",
+    "a picture of a {colour} {shape} on the {pos}.",
+    "a {shape} on the {pos} of a {bgword} background.",
+    "an image of the {shape} on the {pos}.",
+)
+
+
+def _place_side(rng: np.random.Generator) -> tuple[float, float, float, float, str, str]:
+    """A small shape clearly in the left or right half (centre within 40 % of its edge): the side
+    word is the class's second part, and a mirror flip always changes it."""
+    r = RENDER * rng.uniform(0.15, 0.22)
+    margin = r * 1.15 + 2
+    side = str(rng.choice(SIDES))
+    lo, hi = (margin, 0.40 * RENDER) if side == "left" else (0.60 * RENDER, RENDER - margin)
+    cx, cy = rng.uniform(lo, hi), rng.uniform(margin, RENDER - margin)
+    return cx, cy, r, rng.uniform(-0.35, 0.35), "small", side
+
+
+# layout -> (placement, caption templates); "free" is the shift benchmark's own.
+LAYOUTS = {"free": (_place, None), "side": (_place_side, _SIDE_CAPTION_TEMPLATES)}
+
+
 _CLEAN_CAPTION_TEMPLATES: tuple[str, ...] = tuple(
     t.replace("{bgword}", "plain") for t in _CAPTION_TEMPLATES
 )
 
 
-def render_source_clean(rng: np.random.Generator, label: int) -> tuple[Image.Image, str]:
+def render_source_clean(
+    rng: np.random.Generator, label: int, layout: str = "free"
+) -> tuple[Image.Image, str]:
     """Pretraining stage 1: a saturated named colour on a flat pale background, no noise."""
     name = CLASSES[label]
-    cx, cy, r, rot, size, pos = _place(rng)
+    place, captions = LAYOUTS[layout]
+    cx, cy, r, rot, size, pos = place(rng)
     colour = str(rng.choice(list(_COLOURS)))
     bg = tuple(int(v) for v in rng.integers(200, 256, size=3))
     img = Image.new("RGB", (RENDER, RENDER), bg)
     img.paste(_COLOURS[colour], mask=_shape_mask(name, cx, cy, r, rot))
     img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.LANCZOS)
-    tmpl = _CLEAN_CAPTION_TEMPLATES[int(rng.integers(len(_CLEAN_CAPTION_TEMPLATES)))]
-    return img, tmpl.format(size=size, colour=colour, shape=name, pos=pos)
+    templates = _CLEAN_CAPTION_TEMPLATES if captions is None else captions
+    tmpl = templates[int(rng.integers(len(templates)))]
+    return img, tmpl.format(size=size, colour=colour, shape=name, pos=pos, bgword="plain")
 
 
 def _luma(c: np.ndarray) -> float:
     return float(0.299 * c[0] + 0.587 * c[1] + 0.114 * c[2])
 
 
-def render_source(rng: np.random.Generator, label: int) -> tuple[Image.Image, str]:
+def render_source(
+    rng: np.random.Generator, label: int, layout: str = "free"
+) -> tuple[Image.Image, str]:
     """One source image (IMAGE_SIZE px RGB) and its caption: a filled shape on a flat background.
 
     Background and shape colours are random (any brightness, at least 90 luma levels apart), with
     faint pixel noise, so the pretrained CLIP does not tie a class to one colour scheme.
     """
     name = CLASSES[label]
-    cx, cy, r, rot, size, pos = _place(rng)
+    place, captions = LAYOUTS[layout]
+    cx, cy, r, rot, size, pos = place(rng)
     colour = str(rng.choice(list(_COLOURS)))
     fg = np.array(_COLOURS[colour], np.float64)
     if rng.random() < 0.3:  # a named saturated colour 70 % of the time, otherwise a random one
@@ -220,7 +255,8 @@ def render_source(rng: np.random.Generator, label: int) -> tuple[Image.Image, st
         0, rng.uniform(0, 8) * (rng.random() < 0.5), size=(IMAGE_SIZE, IMAGE_SIZE, 3)
     )
     img = Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
-    tmpl = _CAPTION_TEMPLATES[int(rng.integers(len(_CAPTION_TEMPLATES)))]
+    templates = _CAPTION_TEMPLATES if captions is None else captions
+    tmpl = templates[int(rng.integers(len(templates)))]
     bgword = "dark" if _luma(bg) < 128 else "light"
     return img, tmpl.format(size=size, colour=colour, shape=name, pos=pos, bgword=bgword)
 
@@ -270,12 +306,12 @@ def render_target(
 
 
 def render_target_placed(
-    rng: np.random.Generator, label: int, style: TargetStyle | None = None
+    rng: np.random.Generator, label: int, style: TargetStyle | None = None, layout: str = "free"
 ) -> tuple[Image.Image, str, str]:
     """:func:`render_target` plus where the shape landed: (image, size word, position words)."""
     st = style or TargetStyle()
     name = CLASSES[label]
-    cx, cy, r, rot, size, pos = _place(rng)
+    cx, cy, r, rot, size, pos = LAYOUTS[layout][0](rng)
     arr = _texture(rng, *st.bg)
     # Distractor strokes: random line segments in mid-bright colours.
     clutter = Image.new("L", (RENDER, RENDER), 0)
@@ -328,11 +364,13 @@ def _balanced_labels(n: int, rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def source_pairs(n: int, seed: int, clean: bool = False) -> Iterator[tuple[Image.Image, str, int]]:
+def source_pairs(
+    n: int, seed: int, clean: bool = False, layout: str = "free"
+) -> Iterator[tuple[Image.Image, str, int]]:
     rng = np.random.default_rng(seed)
     render = render_source_clean if clean else render_source
     for label in _balanced_labels(n, rng):
-        img, cap = render(rng, int(label))
+        img, cap = render(rng, int(label), layout)
         yield img, cap, int(label)
 
 

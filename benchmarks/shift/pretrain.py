@@ -93,6 +93,10 @@ SUITE_STAGES: tuple[dict[str, Any], ...] = (
     {**STAGES[1], "name": "stage2_short", "epochs": 1, "warmup_steps": 20},
 )
 
+# The side20 domain's CLIP: the suite's recipe on the "side" layout (benchmarks/shift/data.py), every
+# caption naming the side (left/right) a mirror flip swaps, so its zero-shot model tells the side.
+SIDE_STAGES: tuple[dict[str, Any], ...] = tuple({**s, "layout": "side"} for s in SUITE_STAGES)
+
 
 def fingerprint(stage: int, stages: tuple[dict[str, Any], ...] = STAGES) -> str:
     blob = json.dumps(
@@ -211,7 +215,9 @@ def _train_stage(model: CLIP | None, p: dict[str, Any], log: Any) -> tuple[CLIP,
         model = CLIP(**MODEL_CFG, output_dict=True)
     t0 = time.monotonic()
     imgs, caps, labels = [], [], []
-    for im, cap, lab in source_pairs(p["num_pairs"], p["seed"], clean=p["clean"]):
+    for im, cap, lab in source_pairs(
+        p["num_pairs"], p["seed"], clean=p["clean"], layout=p.get("layout", "free")
+    ):
         imgs.append(im)
         caps.append(cap)
         labels.append(lab)

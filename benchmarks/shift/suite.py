@@ -2,8 +2,8 @@
 
     python -m benchmarks.shift.suite --cache .cache/shift   # seeds 0 1 2, the default variants, --jobs = cores
 
-Five target domains, all rendered offline (benchmarks/shift/data.py) and classified by the same tiny
-CLIP pretrained on the source icons (benchmarks/shift/pretrain.py, cached):
+Six target domains, all rendered offline (benchmarks/shift/data.py) and classified by a tiny CLIP
+pretrained on source icons (benchmarks/shift/pretrain.py, cached; the first five share one):
 
 - ``shapes10``: the shift benchmark's target (10 balanced shape classes on cluttered prints);
 - ``shapes10_imbalanced``: the same renderer with a 10:1 class prior (frequency ∝ 10^(−i/9));
@@ -13,6 +13,10 @@ CLIP pretrained on the source icons (benchmarks/shift/pretrain.py, cached):
   like the small, blurry crops of traffic-sign or character datasets;
 - ``place40``: the same without the size word (40 classes "<shape> in the <position>"), so that the
   zero-shot model sees position better than on where80 and a wrong flip has something to destroy.
+- ``side20_small``: 20 classes "<shape> on the <left|right>", shrunk to 24 px and enlarged back (small
+  images whose class a mirror flip changes, like traffic signs or characters), classified by a second
+  tiny CLIP pretrained with the same recipe on icons whose every caption names the side: its zero-shot
+  model tells left from right, so a flip augmentation has something to destroy.
 
 Every run is scored on the domain's validation split (for choices) and its test split (reported);
 the test split is never used to choose anything. Results go to docs/benchmarks/shift_suite.json.
@@ -38,12 +42,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.shift.data import CLASSES, TEMPLATES, render_target_placed, style_key, write_target
+from benchmarks.shift.data import (
+    CLASSES,
+    SIDES,
+    TEMPLATES,
+    render_target_placed,
+    style_key,
+    write_target,
+)
 
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 WHERE_CLASSES = tuple(f"{s} {c} in the {p}" for s in SIZES for c in CLASSES for p in POSITIONS)
 PLACE_CLASSES = tuple(f"{c} in the {p}" for c in CLASSES for p in POSITIONS)
+SIDE_CLASSES = tuple(f"{c} on the {s}" for c in CLASSES for s in SIDES)
 WHERE_TEMPLATES = ("a picture of a {}.", "a {}.", "a photo of a {}.")
 DATA_SEED = 7
 
@@ -63,6 +75,10 @@ class Domain:
     low_res: int = field(default=0, repr=False)
     # A class's folder name from what the renderer drew; out of repr for the same reason.
     class_format: str = field(default="{shape}", repr=False)
+    # Where the renderer places shapes (benchmarks/shift/data.py LAYOUTS) and which pretrained CLIP
+    # (MODELS) classifies the domain; out of repr too (the model's fingerprint keys the runs).
+    layout: str = field(default="free", repr=False)
+    model: str = field(default="suite", repr=False)
 
 
 DOMAINS: dict[str, Domain] = {
@@ -95,7 +111,23 @@ DOMAINS: dict[str, Domain] = {
         1600,
         class_format="{shape} in the {pos}",
     ),
+    "side20_small": Domain(
+        "side20_small",
+        SIDE_CLASSES,
+        WHERE_TEMPLATES,
+        1.0,
+        True,
+        1280,
+        800,
+        1600,
+        low_res=24,
+        class_format="{shape} on the {pos}",
+        layout="side",
+        model="side",
+    ),
 }
+# A domain's CLIP: (cache folder under --cache, pretraining stages of benchmarks/shift/pretrain.py).
+MODELS = {"suite": ("model", "SUITE_STAGES"), "side": ("model_side", "SIDE_STAGES")}
 
 
 # The reference's modal settings over its B/16 configs (spec §7) at our batch: fair 1, crop (0.3, 1),
@@ -109,11 +141,16 @@ REFERENCE = {
     "ema_horizon": 0.0,
     "lr": 2e-5,
     "mask_token_init": "random",
+    "randaug_geometric": True,
 }
 VARIANTS: dict[str, dict[str, Any]] = {
     "must_default": {},
-    # main's defaults before this suite: per-batch marginal, flip always on
-    "must_previous_default": {"fair_marginal": "reference", "strong_hflip": 0.5},
+    # main's defaults before this suite: per-batch marginal, flip and geometric ops always on
+    "must_previous_default": {
+        "fair_marginal": "reference",
+        "strong_hflip": 0.5,
+        "randaug_geometric": True,
+    },
     "must_reference": REFERENCE,
     # a plain self-training loop: EMA teacher pseudo-labels, no mask/MIM/alignment, gentle
     # augmentation (crop only, no flip, no RandAugment), fairness weight 1
@@ -128,7 +165,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "no_fair": {"fair_weight": 0.0},
     "batch_marginal": {"fair_marginal": "reference"},
     "flip_on": {"strong_hflip": 0.5},
+    "geometric_on": {"randaug_geometric": True},
+    "geometric_off": {"randaug_geometric": False},
     "estimated_prior": {"fair_prior": "estimated"},
+    # one-setting changes of the defaults, for choosing them on the validation splits
+    "grid_lr5e-5": {"lr": 5e-5},
+    "grid_lr2e-4": {"lr": 2e-4},
+    "grid_fair2": {"fair_weight": 2.0},
+    "grid_randaug0": {"randaug_num_ops": 0},
 }
 DEFAULT_VARIANTS = (
     "must_default",
@@ -174,7 +218,7 @@ def write_domain(root: Path, d: Domain) -> dict[str, Path]:
         else:
             shapes = _imbalanced_labels(n, len(CLASSES), d.imbalance_ratio, rng)
         for j, shape in enumerate(shapes):
-            img, size, pos = render_target_placed(rng, int(shape))
+            img, size, pos = render_target_placed(rng, int(shape), layout=d.layout)
             if d.low_res:
                 full = img.size
                 img = img.resize((d.low_res, d.low_res), Image.Resampling.BOX).resize(full)
@@ -335,8 +379,15 @@ def markdown(result: dict[str, Any]) -> str:
         if aug and "flip_agreement" in aug:
             lines += [
                 "",
-                f"Label-free flip rule (default run): flip agreement {aug['flip_agreement']:.3f}, "
-                f"shift agreement {aug['shift_agreement']:.3f} → flip p = {aug['hflip']}.",
+                f"Label-free augmentation rules (default run): flip agreement "
+                f"{aug['flip_agreement']:.3f}, shift agreement {aug['shift_agreement']:.3f} → flip "
+                f"p = {aug['hflip']}"
+                + (
+                    f"; translate agreement {aug['translate_agreement']:.3f} → geometric "
+                    f"RandAugment ops {'on' if aug['geometric'] else 'off'}."
+                    if "translate_agreement" in aug
+                    else "."
+                ),
             ]
         lines.append("")
     lines.append(
@@ -378,6 +429,20 @@ def _prepare_domain(
     return splits, zs
 
 
+def _pretrain_bases(cache: Path, models: set[str]) -> dict[str, tuple[Any, str, bool]]:
+    """model name -> (the engine's base-model spec, final-stage fingerprint, was it cached)."""
+    from benchmarks.shift import pretrain as pt
+    from must_core.ml.config import BaseModelSpec
+
+    out = {}
+    for m in sorted(models):
+        folder, stages = MODELS[m]
+        info = pt.pretrain(cache / folder, log=_log, stages=getattr(pt, stages))
+        base = BaseModelSpec(arch=f"local-dir:{Path(info['path']).resolve()}")
+        out[m] = (base, info["stages"][-1]["fingerprint"], bool(info["cached"]))
+    return out
+
+
 def _run_all(tasks: list[tuple[Any, ...]], jobs: int) -> list[dict[str, Any]]:
     """Every (domain, variant, seed) run; ``jobs`` single-threaded runs at a time."""
     if jobs <= 1:
@@ -395,6 +460,7 @@ def _domain_entry(
     d = DOMAINS[name]
     return {
         "num_classes": len(d.classes),
+        "base_model": d.model,
         "imbalance_ratio": d.imbalance_ratio,
         "flip_changes_class": d.flip_changes_class,
         "splits": {"adapt_unlabeled": d.n_adapt, "val": d.n_val, "test": d.n_test},
@@ -434,28 +500,31 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     t_all = time.monotonic()
 
-    from benchmarks.shift.pretrain import SUITE_STAGES, pretrain
-    from must_core.ml.config import BaseModelSpec, make_config
+    from must_core.ml.config import make_config
 
-    info = pretrain(args.cache / "model", log=_log, stages=SUITE_STAGES)
-    base = BaseModelSpec(arch=f"local-dir:{Path(info['path']).resolve()}")
+    bases = _pretrain_bases(args.cache, {DOMAINS[n].model for n in args.domains})
     previous = json.loads(args.out.read_text()) if args.out.exists() else {}
     result: dict[str, Any] = {"benchmarks": dict(previous.get("benchmarks", {}))}
-    common = {
-        "pretrain": info["stages"][-1]["fingerprint"],
-        "style": style_key(),
-        "defaults": make_config().model_dump(mode="json"),
+    defaults = make_config().model_dump(mode="json")
+
+    def key(name: str, variant: str, seed: int) -> str:
+        fp = bases[DOMAINS[name].model][1]
+        common = {"pretrain": fp, "style": style_key(), "defaults": defaults}
+        return _run_key({**common, "domain": repr(DOMAINS[name])}, variant, seed)
+
+    prepared = {
+        name: _prepare_domain(name, args.cache, bases[DOMAINS[name].model][0])
+        for name in args.domains
     }
-    prepared = {name: _prepare_domain(name, args.cache, base) for name in args.domains}
     tasks = [
         (
             DOMAINS[name],
             variant,
             seed,
-            base,
+            bases[DOMAINS[name].model][0],
             prepared[name][0],
             args.cache / "suite" / name / "runs" / f"{variant}_seed{seed}",
-            _run_key({**common, "domain": repr(DOMAINS[name])}, variant, seed),
+            key(name, variant, seed),
         )
         for name in args.domains
         for variant in args.variants
@@ -491,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
                 1,
             ),
             "jobs": args.jobs,
-            "pretrain_cached": bool(info["cached"]),
+            "pretrain_cached": all(b[2] for b in bases.values()),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         }
     )

@@ -192,7 +192,7 @@ class JobMetrics(_Schema):
 
 
 class JobWarning(_Schema):
-    code: str  # "collapsed" | "degraded"
+    code: str  # "collapsed" | "degraded" | "diverged"
     message: str
 
 

@@ -141,6 +141,10 @@ class MustConfig(BaseModel):
     # zero-shot model's predictions on mirrored unlabeled images disagree with those on the
     # originals much more than under a small shift (must_core.ml.augment; needs probe_samples > 0).
     strong_hflip: float | Literal["auto"] = "auto"
+    # Whether RandAugment may draw its geometric ops (rotate, shear, translate by up to 40 % of the
+    # image at m9; the reference: yes). "auto": yes unless the zero-shot model's predictions survive
+    # that translation much worse than a small shift (must_core.ml.augment; needs probe_samples > 0).
+    randaug_geometric: bool | Literal["auto"] = "auto"
 
     # --- runtime --------------------------------------------------------------------------
     seed: int = 0
@@ -251,6 +255,7 @@ _REF_COMMON: dict[str, Any] = {
     "ema_horizon": 0.0,
     "fair_marginal": "reference",
     "strong_hflip": 0.5,
+    "randaug_geometric": True,
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},

@@ -109,6 +109,22 @@ def randaug_spec(magnitude: float, num_ops: int, magnitude_std: float) -> str:
     return f"rand-m{round(magnitude)}-n{num_ops}-mstd{magnitude_std:g}-inc1"
 
 
+# timm's 'inc1' RandAugment ops without the geometric ones (Rotate, ShearX/Y, TranslateX/YRel): what
+# the student's view draws from when the label-free rule finds that moving the image changes the class.
+PHOTOMETRIC_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Invert",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "SolarizeAdd",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+)
+
+
 def _set_magnitude(augment: object, magnitude: float) -> None:
     for op in getattr(augment, "ops", []):
         if hasattr(op, "magnitude"):
@@ -289,7 +305,8 @@ class WeakView:
 
 
 class StrongView:
-    """Student view, uint8: RandomResizedCrop as one crop+resize, flip, RandAugment on the small image.
+    """Student view, uint8: RandomResizedCrop as one crop+resize, flip, RandAugment on the small image
+    (its photometric ops only when ``geometric`` is false).
 
     timm's 'rand-mM-nN-mstdS-inc1' recipe with the reference's crop (spec §6), minus the float
     conversion and normalisation, which move to the device.
@@ -303,6 +320,7 @@ class StrongView:
         magnitude: float = 9.0,
         magnitude_std: float = 0.5,
         hflip: float = 0.5,
+        geometric: bool = True,
     ) -> None:
         from timm.data.auto_augment import rand_augment_transform  # type: ignore[attr-defined]
 
@@ -316,7 +334,8 @@ class StrongView:
                 "img_mean": tuple(round(255 * m) for m in pp.mean),
             }
             spec = randaug_spec(magnitude, num_ops, magnitude_std)
-            self.augment = rand_augment_transform(spec, hparams)
+            ops = None if geometric else list(PHOTOMETRIC_OPS)
+            self.augment = rand_augment_transform(spec, hparams, transforms=ops)
             _set_magnitude(self.augment, magnitude)
             _cap_posterize(self.augment)
 

@@ -34,7 +34,7 @@ from must_core.errors import (
 from must_core.fsutil import atomic_write
 from must_core.ml import checkpoint as ckpt
 from must_core.ml import gallery
-from must_core.ml.augment import choose_hflip
+from must_core.ml.augment import choose_augmentation
 from must_core.ml.config import (
     BaseModelSpec,
     MustConfig,
@@ -285,6 +285,7 @@ class TrainRun:
     resumed_from_step: int | None = None
     probe: Probe | None = None  # label-free health probe (None: probe_samples = 0)
     hflip: float = 0.5  # the student view's flip probability (resolved from cfg.strong_hflip)
+    geometric: bool = True  # RandAugment's geometric ops on (resolved from cfg.randaug_geometric)
     health: list[dict[str, Any]] = field(default_factory=list)  # one entry per health interval
     zero_shot_state: dict[str, torch.Tensor] | None = None  # CPU copy, for served_model
     _pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -551,6 +552,7 @@ def _build_run(
         data_stats=data.stats,
         probe=probe,
         hflip=augmentation["hflip"],
+        geometric=augmentation["geometric"],
         metrics={"augmentation": augmentation},
         zero_shot_state=zero_shot_state,
         fair_prior=_fair_prior(cfg, probe, inputs.class_names, device),
@@ -596,21 +598,45 @@ def _choose_augmentation(
     device: torch.device,
     amp_dtype: torch.dtype | None,
 ) -> dict[str, Any]:
-    """The student view's recipe: explicit values, or the label-free flip rule for "auto"."""
+    """The student view's recipe: explicit values, or the label-free rules for "auto"."""
     recipe: dict[str, Any] = {
         "crop_scale": list(cfg.strong_crop_scale),
         "randaug_num_ops": cfg.randaug_num_ops,
         "randaug_magnitude": cfg.randaug_magnitude,
     }
-    if cfg.strong_hflip != "auto":
-        return {**recipe, "hflip": float(cfg.strong_hflip), "chosen_by": "config"}
+    explicit = {
+        k: v
+        for k, v in (("hflip", cfg.strong_hflip), ("geometric", cfg.randaug_geometric))
+        if v != "auto"
+    }
+    if len(explicit) == 2:
+        return {
+            **recipe,
+            "hflip": float(cfg.strong_hflip),
+            "geometric": cfg.randaug_geometric,
+            "chosen_by": "config",
+        }
     if probe is None:
-        return {**recipe, "hflip": 0.5, "chosen_by": "default (no probe images)"}
-    chosen = choose_hflip(
-        probe, model, device, cfg.eval_batch_size, lambda: _autocast(device, amp_dtype)
+        return {
+            **recipe,
+            "hflip": 0.5,
+            "geometric": True,
+            **explicit,
+            "chosen_by": "default (no probe images)",
+        }
+    chosen = choose_augmentation(
+        probe,
+        model,
+        device,
+        cfg.eval_batch_size,
+        lambda: _autocast(device, amp_dtype),
+        magnitude=cfg.randaug_magnitude,
     )
     _logger.info("augmentation: %s", chosen)
-    return {**recipe, **chosen, "chosen_by": "zero-shot agreement on the unlabeled data"}
+    how = "zero-shot agreement on the unlabeled data" + (
+        f" ({', '.join(explicit)} from config)" if explicit else ""
+    )
+    return {**recipe, **chosen, **explicit, "chosen_by": how}
 
 
 def _fair_prior(
@@ -861,6 +887,7 @@ def _make_loader(run: TrainRun) -> DataLoader[Any]:
             cfg.randaug_magnitude,
             cfg.randaug_magnitude_std,
             hflip=run.hflip,
+            geometric=run.geometric,
         ),
         run.masks,
         seed=cfg.seed,

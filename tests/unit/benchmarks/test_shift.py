@@ -217,6 +217,33 @@ def test_suite_domains_and_data(tmp_path: Path) -> None:
     assert roughness(blurred) < 0.6 * roughness(write_domain(tmp_path / "sharp", sharp)["val"])
 
 
+def test_side_layout_names_the_side_a_flip_swaps(tmp_path: Path) -> None:
+    import dataclasses
+
+    from benchmarks.shift.data import LAYOUTS, RENDER
+    from benchmarks.shift.suite import DOMAINS, MODELS, SIDE_CLASSES, write_domain
+
+    place = LAYOUTS["side"][0]
+    rng = np.random.default_rng(0)
+    for _ in range(200):  # the class's side word says which half holds the whole shape's centre
+        cx, _, r, _, _, side = place(rng)
+        assert (cx < 0.4 * RENDER) if side == "left" else (cx > 0.6 * RENDER)
+        assert r * 1.15 < min(cx, RENDER - cx)  # the shape stays inside the image
+    pairs = list(source_pairs(40, seed=5, layout="side")) + list(
+        source_pairs(40, seed=5, clean=True, layout="side")
+    )
+    assert all(" on the left" in c or " on the right" in c for _, c, _ in pairs)
+    d = DOMAINS["side20_small"]
+    assert len(SIDE_CLASSES) == 20 and d.flip_changes_class and d.model in MODELS
+    names = {
+        f.name
+        for f in write_domain(
+            tmp_path / "side", dataclasses.replace(d, n_adapt=4, n_val=40, n_test=4)
+        )["val"].iterdir()
+    }
+    assert names <= set(SIDE_CLASSES) and {n.split()[-1] for n in names} == {"left", "right"}
+
+
 def test_suite_markdown_is_spliced_from_the_results() -> None:
     from benchmarks.shift.suite import HEADING, markdown, splice
 

@@ -1,4 +1,5 @@
-"""The label-free flip rule: off when a mirror changes the zero-shot prediction, on otherwise."""
+"""The label-free augmentation rules: a flip or a geometric op is off when it changes the zero-shot
+prediction much more than a small shift does, on otherwise."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import contextlib
 
 import torch
 
-from must_core.ml.augment import choose_hflip, shifted
+from must_core.ml.augment import choose_augmentation, shifted, translated
 from must_core.ml.health import Probe
 
 
@@ -27,28 +28,67 @@ class _BrightnessClassifier(torch.nn.Module):
         return torch.stack([10 * m, -10 * m], -1)
 
 
-def _probe(model: torch.nn.Module) -> Probe:
+class _QuadrantClassifier(torch.nn.Module):
+    """The brightest quadrant's index: moving the image by 40 % of its size changes the class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        q = [
+            x[..., i * h : (i + 1) * h, j * w : (j + 1) * w].mean((1, 2, 3))
+            for i in (0, 1)
+            for j in (0, 1)
+        ]
+        return 10 * torch.stack(q, -1)
+
+
+def _probe(model: torch.nn.Module, quadrants: bool = False) -> Probe:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(64, 3, 16, 16, generator=g)
-    x[:32, ..., :8] += 1.0  # bright on the left
-    x[32:, ..., 8:] += 1.0  # bright on the right
+    if (
+        quadrants
+    ):  # one bright 6 px square in the middle of a quadrant, a quarter of the images each
+        for i in range(64):
+            r, c = divmod(i % 4, 2)
+            x[i, :, 1 + 8 * r : 7 + 8 * r, 1 + 8 * c : 7 + 8 * c] += 1.0
+    else:
+        x[:32, ..., :8] += 1.0  # bright on the left
+        x[32:, ..., 8:] += 1.0  # bright on the right
     x[::3] += 0.5  # some brighter overall
     with torch.no_grad():
         probs = model(x).softmax(-1)
     return Probe(x=x, zero_shot_probs=probs, images=[])
 
 
+def _choose(model: torch.nn.Module, quadrants: bool = False) -> dict[str, object]:
+    probe = _probe(model, quadrants)
+    return choose_augmentation(probe, model, torch.device("cpu"), 16, contextlib.nullcontext)
+
+
 def test_flip_is_turned_off_when_it_changes_the_class() -> None:
-    model = _SideClassifier()
-    out = choose_hflip(_probe(model), model, torch.device("cpu"), 16, contextlib.nullcontext)
+    out = _choose(_SideClassifier())
     assert out["hflip"] == 0.0
-    assert out["flip_agreement"] < 0.2 and out["shift_agreement"] > 0.9
+    assert out["flip_agreement"] < 0.2 and out["shift_agreement"] > 0.9  # type: ignore[operator]
 
 
-def test_flip_is_kept_when_it_does_not() -> None:
-    model = _BrightnessClassifier()
-    out = choose_hflip(_probe(model), model, torch.device("cpu"), 16, contextlib.nullcontext)
+def test_flip_and_geometric_ops_are_kept_when_they_do_not() -> None:
+    out = _choose(_BrightnessClassifier())
     assert out["hflip"] == 0.5 and out["flip_agreement"] == 1.0
+    assert out["geometric"] is True and out["translate_agreement"] == 1.0
+
+
+def test_geometric_ops_are_turned_off_when_moving_the_image_changes_the_class() -> None:
+    out = _choose(_QuadrantClassifier(), quadrants=True)
+    assert out["shift_agreement"] == 1.0 and out["translate_agreement"] < 0.5  # type: ignore[operator]
+    assert out["geometric"] is False and out["hflip"] == 0.0  # a mirror swaps the quadrants too
+
+
+def test_translation_moves_half_along_x_and_half_along_y_and_fills_with_zero() -> None:
+    x = torch.ones(4, 1, 10, 10)
+    y = translated(x, 0.3)
+    assert (y[0, 0, :, :3] == 0).all() and (y[0, 0, :, 3:] == 1).all()  # +x
+    assert (y[1, 0, :, 7:] == 0).all() and (y[1, 0, :, :7] == 1).all()  # -x
+    assert (y[2, 0, :3] == 0).all() and (y[2, 0, 3:] == 1).all()  # +y
+    assert (y[3, 0, 7:] == 0).all() and (y[3, 0, :7] == 1).all()  # -y
 
 
 def test_shift_repeats_the_edge() -> None:

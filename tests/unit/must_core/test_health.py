@@ -120,7 +120,7 @@ def test_rule_on_synthetic_predictions() -> None:
     e3 = snapshot(
         probe if len(col) == 100 else _probe(col, k),
         one_hot(torch.tensor(col), k).float(),
-        probe.zero_shot_probs,
+        one_hot(torch.tensor(col), k).float(),  # the teacher agrees: collapse, not divergence
         class_names=[str(i) for i in range(k)],
         conf_threshold=0.5,
         prior_entropy=math.log(k),
@@ -132,7 +132,7 @@ def test_rule_on_synthetic_predictions() -> None:
     e4 = snapshot(
         probe,
         one_hot(torch.tensor(three), k).float(),
-        probe.zero_shot_probs,
+        one_hot(torch.tensor(three), k).float(),  # the teacher agrees: collapse, not divergence
         class_names=[str(i) for i in range(k)],
         conf_threshold=0.5,
         prior_entropy=math.log(k),
@@ -144,13 +144,39 @@ def test_rule_on_synthetic_predictions() -> None:
     e5 = snapshot(
         probe,
         one_hot(torch.tensor(five), k).float(),
-        probe.zero_shot_probs,
+        one_hot(torch.tensor(five), k).float(),  # the teacher agrees: collapse, not divergence
         class_names=[str(i) for i in range(k)],
         conf_threshold=0.5,
         prior_entropy=math.log(k),
         step=1,
     )
     assert [w["code"] for w in health_warnings(e5, k)] == ["degraded"]
+
+
+def test_a_student_that_leaves_its_teacher_is_diverged() -> None:
+    """Balanced, spread predictions (no collapse) that differ from the teacher's on 10 % of the
+    images: diverged for the student (below 95 % agreement); 96 % agreement is not."""
+    k = 10
+    teacher = [i % k for i in range(100)]
+    one_hot = torch.nn.functional.one_hot
+
+    def entry(n_disagree: int) -> dict[str, Any]:
+        student = [(t + 1) % k if i < n_disagree else t for i, t in enumerate(teacher)]
+        return snapshot(
+            _probe(teacher, k),
+            one_hot(torch.tensor(student), k).float(),
+            one_hot(torch.tensor(teacher), k).float(),
+            class_names=[str(i) for i in range(k)],
+            conf_threshold=0.5,
+            prior_entropy=math.log(k),
+            step=1,
+        )
+
+    far = entry(10)
+    assert far["agree_teacher"] == 0.9 and far["entropy_ratio"] == 1.0
+    assert [w["code"] for w in health_warnings(far, k)] == ["diverged"]
+    assert health_warnings(far, k, "EMA teacher") == []  # the rule is about the student
+    assert health_warnings(entry(4), k) == []
 
 
 def test_em_prior_recovers_an_imbalanced_prior() -> None:

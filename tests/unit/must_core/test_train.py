@@ -594,6 +594,32 @@ def test_float_randaugment_magnitude(tiny_spec) -> None:  # type: ignore[no-unty
     assert tf(Image.new("RGB", (80, 80))).shape[0] == 3
 
 
+def test_strong_view_without_geometric_ops(tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from must_core.ml.data import PHOTOMETRIC_OPS, StrongView
+
+    pp = load_base_model(tiny_spec).preprocess
+    full = StrongView(pp, num_ops=2)
+    photo = StrongView(pp, num_ops=2, geometric=False)
+    assert full.augment is not None and photo.augment is not None
+    names = {op.name for op in full.augment.ops}
+    assert {"Rotate", "TranslateXRel", "ShearY"} <= names
+    assert (
+        {op.name for op in photo.augment.ops}
+        == set(PHOTOMETRIC_OPS)
+        == names
+        - {
+            "Rotate",
+            "ShearX",
+            "ShearY",
+            "TranslateXRel",
+            "TranslateYRel",
+        }
+    )
+    assert photo(np.full((80, 80, 3), 120, np.uint8)).shape == (3, pp.image_size, pp.image_size)
+
+
 def test_bf16_head_logits_are_fp32(tiny_spec) -> None:  # type: ignore[no-untyped-def]
     model = build_must_model(load_base_model(tiny_spec), CLASSES, ["{}"])
     x = torch.randn(2, 3, model.image_size, model.image_size)
