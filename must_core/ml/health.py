@@ -16,7 +16,7 @@ every health interval. From these predictions alone (no labels):
 The rule (:func:`health_warnings`, documented in docs/algorithm.md) flags a run as **collapsed** when
 its predictions concentrate on few classes — ``entropy_ratio < 0.5`` or, for K >= 3,
 ``max_class_share > max(0.5, 2/K)`` — and as **degraded** when its prediction entropy fell more than
-``0.2·log K`` below the zero-shot model's on the same images (the adaptation concentrated predictions
+``0.1·log K`` below the zero-shot model's on the same images (the adaptation concentrated predictions
 that zero-shot spread; a shift of the class balance that fairness is meant to prevent). It flags the
 student as **diverged** when it predicts what its EMA teacher predicts on fewer than
 ``DIVERGED_AGREE_TEACHER`` (95 %) of the probe images: the student no longer follows the pseudo-labels
@@ -44,7 +44,7 @@ _logger = logging.getLogger(__name__)
 COLLAPSE_ENTROPY_RATIO = 0.5
 # Warning codes in a job's ``warnings`` (not errors: the job succeeds).
 COLLAPSED, DEGRADED, DIVERGED = "collapsed", "degraded", "diverged"
-DEGRADED_ENTROPY_DROP = 0.2  # in units of log K
+DEGRADED_ENTROPY_DROP = 0.1  # in units of log K (0.2 until the sixth session)
 DIVERGED_AGREE_TEACHER = 0.95
 
 
