@@ -88,95 +88,60 @@ def _probe(pred: list[int], k: int) -> Probe:
     return Probe(x=torch.zeros(len(pred), 3, 2, 2), zero_shot_probs=probs, images=[])
 
 
-def test_rule_on_synthetic_predictions() -> None:
-    k = 10
-    balanced = [i % k for i in range(100)]
-    probe = _probe(balanced, k)
+K = 10
+BALANCED = [i % K for i in range(100)]
+
+
+def _entry(
+    student: list[int], teacher: list[int] | None = None, zero_shot: list[int] = BALANCED
+) -> dict[str, Any]:
+    """A health entry for one-hot predictions (the teacher agrees with the student unless given)."""
     one_hot = torch.nn.functional.one_hot
-    entry = snapshot(
-        probe,
-        one_hot(torch.tensor(balanced), k).float(),
-        probe.zero_shot_probs,
-        class_names=[str(i) for i in range(k)],
+    return snapshot(
+        _probe(zero_shot, K),
+        one_hot(torch.tensor(student), K).float(),
+        one_hot(torch.tensor(student if teacher is None else teacher), K).float(),
+        class_names=[str(i) for i in range(K)],
         conf_threshold=0.5,
-        prior_entropy=math.log(k),
+        prior_entropy=math.log(K),
         step=1,
     )
-    assert health_warnings(entry, k) == [] and entry["agree_zero_shot"] == 1.0
-    # a 10:1 imbalanced but non-collapsed prediction: not flagged
-    imb = [i for i in range(k) for _ in range(10 - i)]
-    e2 = snapshot(
-        _probe(imb, k),
-        one_hot(torch.tensor(imb), k).float(),
-        one_hot(torch.tensor(imb), k).float(),
-        class_names=[str(i) for i in range(k)],
-        conf_threshold=0.5,
-        prior_entropy=math.log(k),
-        step=1,
-    )
-    assert health_warnings(e2, k) == []
+
+
+def _codes(entry: dict[str, Any], which: str = "student") -> list[str]:
+    return [w["code"] for w in health_warnings(entry, K, which)]
+
+
+def test_rule_on_synthetic_predictions() -> None:
+    entry = _entry(BALANCED)
+    assert _codes(entry) == [] and entry["agree_zero_shot"] == 1.0
+    # a 10:1 imbalanced but non-collapsed prediction, like zero-shot's: not flagged
+    imb = [i for i in range(K) for _ in range(10 - i)]
+    assert _codes(_entry(imb, zero_shot=imb)) == []
     # 60 % in one class: collapsed
-    col = [0] * 60 + balanced[:40]
-    e3 = snapshot(
-        probe if len(col) == 100 else _probe(col, k),
-        one_hot(torch.tensor(col), k).float(),
-        one_hot(torch.tensor(col), k).float(),  # the teacher agrees: collapse, not divergence
-        class_names=[str(i) for i in range(k)],
-        conf_threshold=0.5,
-        prior_entropy=math.log(k),
-        step=1,
-    )
-    assert [w["code"] for w in health_warnings(e3, k)] == ["collapsed"]
+    assert _codes(_entry([0] * 60 + BALANCED[:40])) == ["collapsed"]
     # three classes of ten, balanced among them: entropy ratio log3/log10 = 0.48 -> collapsed
-    three = [i % 3 for i in range(100)]
-    e4 = snapshot(
-        probe,
-        one_hot(torch.tensor(three), k).float(),
-        one_hot(torch.tensor(three), k).float(),  # the teacher agrees: collapse, not divergence
-        class_names=[str(i) for i in range(k)],
-        conf_threshold=0.5,
-        prior_entropy=math.log(k),
-        step=1,
-    )
-    assert [w["code"] for w in health_warnings(e4, k)] == ["collapsed"]
-    # five of ten: not collapsed (ratio 0.7) but degraded against a balanced zero-shot (drop 0.69 > 0.46)
-    five = [i % 5 for i in range(100)]
-    e5 = snapshot(
-        probe,
-        one_hot(torch.tensor(five), k).float(),
-        one_hot(torch.tensor(five), k).float(),  # the teacher agrees: collapse, not divergence
-        class_names=[str(i) for i in range(k)],
-        conf_threshold=0.5,
-        prior_entropy=math.log(k),
-        step=1,
-    )
-    assert [w["code"] for w in health_warnings(e5, k)] == ["degraded"]
+    assert _codes(_entry([i % 3 for i in range(100)])) == ["collapsed"]
+    # five of ten: not collapsed (ratio 0.7) but degraded against a balanced zero-shot (drop 0.69 > 0.23)
+    assert _codes(_entry([i % 5 for i in range(100)])) == ["degraded"]
+    # seven of ten: entropy drop log(10/7) = 0.15·log K -> degraded (the old 0.2·log K missed it)
+    seven = [i % 7 for i in range(100)]
+    drop = math.log(K) - _entry(seven)["pred_entropy"]
+    assert 0.1 * math.log(K) < drop < 0.2 * math.log(K) and _codes(_entry(seven)) == ["degraded"]
 
 
 def test_a_student_that_leaves_its_teacher_is_diverged() -> None:
     """Balanced, spread predictions (no collapse) that differ from the teacher's on 10 % of the
     images: diverged for the student (below 95 % agreement); 96 % agreement is not."""
-    k = 10
-    teacher = [i % k for i in range(100)]
-    one_hot = torch.nn.functional.one_hot
 
-    def entry(n_disagree: int) -> dict[str, Any]:
-        student = [(t + 1) % k if i < n_disagree else t for i, t in enumerate(teacher)]
-        return snapshot(
-            _probe(teacher, k),
-            one_hot(torch.tensor(student), k).float(),
-            one_hot(torch.tensor(teacher), k).float(),
-            class_names=[str(i) for i in range(k)],
-            conf_threshold=0.5,
-            prior_entropy=math.log(k),
-            step=1,
-        )
+    def moved(n: int) -> list[int]:
+        return [(t + 1) % K if i < n else t for i, t in enumerate(BALANCED)]
 
-    far = entry(10)
+    far = _entry(moved(10), teacher=BALANCED)
     assert far["agree_teacher"] == 0.9 and far["entropy_ratio"] == 1.0
-    assert [w["code"] for w in health_warnings(far, k)] == ["diverged"]
-    assert health_warnings(far, k, "EMA teacher") == []  # the rule is about the student
-    assert health_warnings(entry(4), k) == []
+    assert _codes(far) == ["diverged"]
+    assert _codes(far, "EMA teacher") == []  # the rule is about the student
+    assert _codes(_entry(moved(4), teacher=BALANCED)) == []
 
 
 def test_em_prior_recovers_an_imbalanced_prior() -> None:
