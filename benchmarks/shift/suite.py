@@ -81,47 +81,37 @@ class Domain:
     model: str = field(default="suite", repr=False)
 
 
+def _flip_domain(name: str, classes: tuple[str, ...], class_format: str, **extra: Any) -> Domain:
+    """A balanced domain whose class names a position, so that a mirror flip changes the class."""
+    return Domain(
+        name,
+        classes,
+        WHERE_TEMPLATES,
+        1.0,
+        True,
+        1280,
+        800,
+        1600,
+        class_format=class_format,
+        **extra,
+    )
+
+
 DOMAINS: dict[str, Domain] = {
     "shapes10": Domain("shapes10", CLASSES, TEMPLATES, 1.0, False, 1280, 1000, 2000),
     "shapes10_imbalanced": Domain(
         "shapes10_imbalanced", CLASSES, TEMPLATES, 10.0, False, 1280, 800, 1600
     ),
-    "where80": Domain(
-        "where80",
-        WHERE_CLASSES,
-        WHERE_TEMPLATES,
-        1.0,
-        True,
-        1280,
-        800,
-        1600,
-        class_format="{size} {shape} in the {pos}",
-    ),
+    "where80": _flip_domain("where80", WHERE_CLASSES, "{size} {shape} in the {pos}"),
     "shapes10_small": Domain(
         "shapes10_small", CLASSES, TEMPLATES, 1.0, False, 1280, 800, 1600, low_res=20
     ),
-    "place40": Domain(
-        "place40",
-        PLACE_CLASSES,
-        WHERE_TEMPLATES,
-        1.0,
-        True,
-        1280,
-        800,
-        1600,
-        class_format="{shape} in the {pos}",
-    ),
-    "side20_small": Domain(
+    "place40": _flip_domain("place40", PLACE_CLASSES, "{shape} in the {pos}"),
+    "side20_small": _flip_domain(
         "side20_small",
         SIDE_CLASSES,
-        WHERE_TEMPLATES,
-        1.0,
-        True,
-        1280,
-        800,
-        1600,
+        "{shape} on the {pos}",
         low_res=24,
-        class_format="{shape} on the {pos}",
         layout="side",
         model="side",
     ),
