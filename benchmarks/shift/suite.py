@@ -50,6 +50,7 @@ from benchmarks.shift.data import (
     style_key,
     write_target,
 )
+from benchmarks.shift.pretrain import SIDE_STAGES, SUITE_STAGES
 
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -117,7 +118,7 @@ DOMAINS: dict[str, Domain] = {
     ),
 }
 # A domain's CLIP: (cache folder under --cache, pretraining stages of benchmarks/shift/pretrain.py).
-MODELS = {"suite": ("model", "SUITE_STAGES"), "side": ("model_side", "SIDE_STAGES")}
+MODELS = {"suite": ("model", SUITE_STAGES), "side": ("model_side", SIDE_STAGES)}
 
 
 # The reference's modal settings over its B/16 configs (spec §7) at our batch: fair 1, crop (0.3, 1),
@@ -159,7 +160,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "geometric_off": {"randaug_geometric": False},
     "estimated_prior": {"fair_prior": "estimated"},
     # one-setting changes of the defaults, for choosing them on the validation splits
-    "grid_lr5e-5": {"lr": 5e-5},
     "grid_lr2e-4": {"lr": 2e-4},
     "grid_fair2": {"fair_weight": 2.0},
     "grid_randaug0": {"randaug_num_ops": 0},
@@ -200,9 +200,8 @@ def write_domain(root: Path, d: Domain) -> dict[str, Path]:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         rng = np.random.default_rng([DATA_SEED, 100 + i, len(d.classes)])
-        if (
-            d.flip_changes_class
-        ):  # position classes: balanced shapes, placed where the renderer puts them
+        # position classes: balanced shapes, placed where the renderer puts them
+        if d.flip_changes_class:
             shapes = np.arange(n) % len(CLASSES)
             rng.shuffle(shapes)
         else:
@@ -421,13 +420,13 @@ def _prepare_domain(
 
 def _pretrain_bases(cache: Path, models: set[str]) -> dict[str, tuple[Any, str, bool]]:
     """model name -> (the engine's base-model spec, final-stage fingerprint, was it cached)."""
-    from benchmarks.shift import pretrain as pt
+    from benchmarks.shift.pretrain import pretrain
     from must_core.ml.config import BaseModelSpec
 
     out = {}
     for m in sorted(models):
         folder, stages = MODELS[m]
-        info = pt.pretrain(cache / folder, log=_log, stages=getattr(pt, stages))
+        info = pretrain(cache / folder, log=_log, stages=stages)
         base = BaseModelSpec(arch=f"local-dir:{Path(info['path']).resolve()}")
         out[m] = (base, info["stages"][-1]["fingerprint"], bool(info["cached"]))
     return out

@@ -22,7 +22,7 @@ student as **diverged** when it predicts what its EMA teacher predicts on fewer 
 ``DIVERGED_AGREE_TEACHER`` (95 %) of the probe images: the student no longer follows the pseudo-labels
 it is trained on (an augmentation that changes the class, a step size its teacher cannot track). In the
 shift suite every run that lost to zero-shot without concentrating its predictions (the reference's
-settings) ended at 46–90 % agreement, every default run at 97 % or more (docs/algorithm.md).
+settings) ended at 46–90 % agreement, every default run at 98 % or more (docs/algorithm.md).
 
 The same probe gives the EM estimate of the target class prior (``fair_prior="estimated"``) and the
 zero-shot agreement of strong views that picks the augmentation recipe (:mod:`must_core.ml.augment`).

@@ -610,12 +610,7 @@ def _choose_augmentation(
         if v != "auto"
     }
     if len(explicit) == 2:
-        return {
-            **recipe,
-            "hflip": float(cfg.strong_hflip),
-            "geometric": cfg.randaug_geometric,
-            "chosen_by": "config",
-        }
+        return {**recipe, **explicit, "chosen_by": "config"}
     if probe is None:
         return {
             **recipe,

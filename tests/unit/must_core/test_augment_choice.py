@@ -95,3 +95,18 @@ def test_shift_repeats_the_edge() -> None:
     x = torch.arange(16.0).view(1, 1, 1, 16)
     y = shifted(x)
     assert y.shape == x.shape and y[..., 0] == 0 and y[..., 1] == 0 and y[..., -1] == 14
+
+
+def test_explicit_settings_skip_the_rules() -> None:
+    from must_core.ml.config import make_config
+    from must_core.ml.train import _choose_augmentation
+
+    cpu = torch.device("cpu")
+    both = make_config(strong_hflip=0, randaug_geometric=False)
+    out = _choose_augmentation(both, _SideClassifier(), None, cpu, None)  # type: ignore[arg-type]
+    assert (out["hflip"], out["geometric"], out["chosen_by"]) == (0.0, False, "config")
+    model = _QuadrantClassifier()
+    one = make_config(strong_hflip=0.5)  # the flip pinned, the geometric ops chosen by the rule
+    out = _choose_augmentation(one, model, _probe(model, quadrants=True), cpu, None)  # type: ignore[arg-type]
+    assert out["hflip"] == 0.5 and out["geometric"] is False
+    assert out["chosen_by"] == "zero-shot agreement on the unlabeled data (hflip from config)"
