@@ -261,7 +261,10 @@ function jobPage(id) {
       h("tr", {}, h("th", {}, "base model"), h("td", {}, baseName(job.base_model))),
       h("tr", {}, h("th", {}, "created / duration"), h("td", {}, `${fmtDate(job.created_at)} · ${duration(job)}`)),
       job.model_id ? h("tr", {}, h("th", {}, "model"), h("td", {}, h("code", {}, job.model_id))) : null,
-      job.error ? h("tr", {}, h("th", {}, "error"), h("td", { class: "err" }, `${job.error.code}: ${job.error.message}`)) : null)));
+      job.error ? h("tr", {}, h("th", {}, "error"), h("td", { class: "err" }, `${job.error.code}: ${job.error.message}`)) : null,
+      job.status === "succeeded" ? h("tr", {}, h("th", {}, "run health"), h("td", { id: "job-warnings" },
+        job.warnings.length ? job.warnings.map((w) => h("div", { class: "err", "data-code": w.code },
+          `${w.code}: ${w.message}`)) : "no warning (the label-free health rule flagged nothing)")) : null)));
     if (!finalRendered) {
       try {
         const since = curve.length ? `?after_step=${curve[curve.length - 1].step}` : "";

@@ -130,6 +130,14 @@ def test_console_end_to_end(
     assert page.locator("#chart-conf polyline").count() == 1
     assert page.locator("#eval tbody tr").count() == 2 + len(CLASSES)  # top-1, mean, per class
     assert page.locator("#histogram tbody tr").count() == len(CLASSES)
+    # the run-health warnings the API reports are on the page (or that there are none)
+    codes = [w["code"] for w in client_a.get(f"/v1/jobs/{job_id}").json()["warnings"]]
+    health = page.locator("#job-warnings")
+    if codes:
+        shown = health.locator("[data-code]")
+        assert [shown.nth(i).get_attribute("data-code") for i in range(shown.count())] == codes
+    else:
+        assert health.inner_text().startswith("no warning")
     page.wait_for_function("document.querySelector('#logs').textContent.includes('job succeeded')")
     page.screenshot(path=str(shots / "job.png"), full_page=True)
 
