@@ -86,3 +86,33 @@ def choose_augmentation(
             f"RandAugment ops kept iff translate_agreement >= {GEOMETRIC_RATIO} * shift_agreement"
         ),
     }
+
+
+def strong_view_agreement(
+    probe: Probe,
+    model: torch.nn.Module,
+    device: torch.device,
+    batch_size: int,
+    autocast: Callable[[], Any],
+    view: Callable[[Any], torch.Tensor],
+    normalize: Callable[[torch.Tensor], torch.Tensor],
+) -> float:
+    """Share of probe images whose zero-shot prediction on ``view(image)`` (a uint8 strong view,
+    drawn with per-image seeds) is the one on the eval view."""
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    views = []
+    with torch.random.fork_rng(devices=[]):
+        for i, img in enumerate(probe.images):
+            random.seed(i)
+            np.random.seed(i)
+            torch.default_generator.manual_seed(i)
+            views.append(view(np.asarray(img)))
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    x = normalize(torch.stack(views).float() / 255.0)
+    pred = predict_probs(model, x, device, batch_size, autocast).argmax(-1)
+    return round(float((pred == probe.zero_shot_pred).float().mean()), 4)

@@ -74,6 +74,11 @@ class MustConfig(BaseModel):
 
     # --- self-training --------------------------------------------------------------------
     conf_threshold: float = Field(0.5, ge=0.0, lt=1.0)  # strict '>' on teacher max-prob (tau)
+    # "fixed": conf_threshold for every class (the reference). "adaptive": a self-adaptive per-class
+    # threshold (FreeMatch; must_core.ml.step.AdaptiveThreshold) from moving averages of the teacher's
+    # confidence with this momentum per step; conf_threshold is then unused in training.
+    conf_threshold_mode: Literal["fixed", "adaptive"] = "fixed"
+    adaptive_threshold_momentum: float = Field(0.99, ge=0.0, lt=1.0)
     logit_scale: float = Field(100.0, gt=0)  # constant scale of cosine logits (spec §1.1.5)
 
     # --- masking / MIM --------------------------------------------------------------------

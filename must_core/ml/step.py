@@ -95,15 +95,50 @@ def must_step_losses(
     return loss, parts, fair_state
 
 
+def teacher_probs(
+    teacher: Callable[[torch.Tensor], torch.Tensor], weak: torch.Tensor
+) -> torch.Tensor:
+    """The teacher's class probabilities on the unmasked weak view (fp32, no host sync)."""
+    with torch.inference_mode():
+        probs = teacher(weak).float().softmax(-1)
+    return probs.clone()  # a plain tensor outside inference mode
+
+
 def teacher_pass(
     teacher: Callable[[torch.Tensor], torch.Tensor], weak: torch.Tensor, conf_threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pseudo-labels and the confident set from the unmasked weak view (no host sync)."""
-    with torch.inference_mode():
-        probs = teacher(weak).float().softmax(-1)
-        conf, pseudo = probs.max(-1)
-        confident = conf > conf_threshold  # strict '>' (spec §3.1)
-    return pseudo.clone(), confident.clone()  # plain tensors outside inference mode
+    conf, pseudo = teacher_probs(teacher, weak).max(-1)
+    return pseudo, conf > conf_threshold  # strict '>' (spec §3.1)
+
+
+@dataclass
+class AdaptiveThreshold:
+    """A self-adaptive, per-class confidence threshold (FreeMatch's SAT, Wang et al. ICLR 2023).
+
+    ``state`` is [τ, p̃_1 … p̃_K]: τ an exponential moving average of the teacher's mean max-probability
+    over global batches, p̃ one of its mean class probabilities, both started at 1/K. A sample whose
+    pseudo-label is c counts as confident when its max-probability exceeds τ · p̃_c / max_k p̃_k: the
+    threshold starts low and rises as the teacher grows confident, and it is lower for the classes the
+    teacher rarely predicts, which a fixed threshold starves of pseudo-labels. Label-free.
+    """
+
+    momentum: float
+    state: torch.Tensor  # [K + 1]
+
+    @classmethod
+    def start(cls, num_classes: int, momentum: float, device: torch.device) -> AdaptiveThreshold:
+        return cls(momentum, torch.full((num_classes + 1,), 1.0 / num_classes, device=device))
+
+    def update(self, probs: Sequence[torch.Tensor], dist: DistContext) -> torch.Tensor:
+        """Fold the global batch's statistics in; returns the per-class thresholds [K]."""
+        p = torch.cat(list(probs))
+        stats = torch.cat([p.max(-1).values.sum().view(1), p.sum(0), p.new_tensor([len(p)])])
+        stats = dist.all_reduce_sum(stats)
+        batch = stats[:-1] / stats[-1].clamp_min(1.0)
+        self.state = self.momentum * self.state + (1.0 - self.momentum) * batch
+        tau, class_mean = self.state[0], self.state[1:]
+        return tau * class_mean / class_mean.max()
 
 
 @dataclass
@@ -129,6 +164,7 @@ class GlobalStep:
     # Running marginal (``fair_marginal="running"``): its decay per step; None: the reference's terms.
     running_keep: float | None = None
     prior: torch.Tensor | None = None  # fairness target prior; None: uniform
+    threshold: AdaptiveThreshold | None = None  # None: the fixed conf_threshold
 
     def __call__(
         self, micro: Sequence[MicroBatch], fair_state: torch.Tensor | None
@@ -138,9 +174,7 @@ class GlobalStep:
         Summing the shares over ranks gives the global-batch values.
         """
         m_steps = len(micro)
-        with self.autocast():
-            teacher = self.teacher_forward or self.teacher
-            labels = [teacher_pass(teacher, w, self.conf_threshold) for w, _, _ in micro]
+        labels = self._pseudo_labels(micro)
         count = torch.stack([c.sum() for _, c in labels]).sum().float()
         confident_total = self.dist.all_reduce_sum(count).clamp_min(1.0)
         p_global = self._marginal_prepass(micro) if m_steps > 1 else None
@@ -182,6 +216,21 @@ class GlobalStep:
             loss.backward()  # type: ignore[no-untyped-call]
             shares.append(self._share(st_sum, l_fair, l_mim, l_align, confident, confident_total))
         return torch.stack(shares).sum(0), new_state
+
+    def _pseudo_labels(
+        self, micro: Sequence[MicroBatch]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(pseudo-labels, confident) per micro-batch, under the fixed or the adaptive threshold."""
+        with self.autocast():
+            teacher = self.teacher_forward or self.teacher
+            probs = [teacher_probs(teacher, w) for w, _, _ in micro]
+        per_class = None if self.threshold is None else self.threshold.update(probs, self.dist)
+        out = []
+        for p in probs:
+            conf, pseudo = p.max(-1)
+            cut = self.conf_threshold if per_class is None else per_class[pseudo]
+            out.append((pseudo, conf > cut))  # strict '>' (spec §3.1)
+        return out
 
     def _marginal_prepass(self, micro: Sequence[MicroBatch]) -> torch.Tensor:
         """p̄ over the global batch before any gradient pass (needed with accumulation only)."""

@@ -90,7 +90,13 @@ from must_core.ml.prepared import (
     prepared_dir,
     short_side_for,
 )
-from must_core.ml.step import LOSS_KEYS, CompiledOrEager, GlobalStep, MicroBatch
+from must_core.ml.step import (
+    LOSS_KEYS,
+    AdaptiveThreshold,
+    CompiledOrEager,
+    GlobalStep,
+    MicroBatch,
+)
 from must_core.ml.step import must_step_losses as must_step_losses
 from must_core.ml.templates import DEFAULT_TEMPLATES, validate_class_names, validate_templates
 
@@ -279,6 +285,7 @@ class TrainRun:
     step: int = 0
     fair_state: torch.Tensor | None = None
     fair_prior: torch.Tensor | None = None  # the fairness target prior on the device; None: uniform
+    threshold: AdaptiveThreshold | None = None  # conf_threshold_mode="adaptive": its running state
     metrics: dict[str, Any] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     eval_items: list[tuple[Path, int]] | None = None
@@ -349,6 +356,7 @@ class TrainRun:
             "step": self.step,
             "total_steps": self.total_steps,
             "fair_state": self.fair_state,
+            "threshold_state": None if self.threshold is None else self.threshold.state,
             "rng": ckpt.rng_state(),
             "config": self.cfg.model_dump(mode="json"),
             "identity": self.identity,
@@ -556,6 +564,13 @@ def _build_run(
         metrics={"augmentation": augmentation},
         zero_shot_state=zero_shot_state,
         fair_prior=_fair_prior(cfg, probe, inputs.class_names, device),
+        threshold=(
+            AdaptiveThreshold.start(
+                len(inputs.class_names), cfg.adaptive_threshold_momentum, device
+            )
+            if cfg.conf_threshold_mode == "adaptive"
+            else None
+        ),
     )
 
 
@@ -754,6 +769,9 @@ def restore(run: TrainRun) -> None:
     run.step = run.resumed_from_step = int(state["step"])
     fair_state = state.get("fair_state")
     run.fair_state = fair_state.to(run.device) if fair_state is not None else None
+    threshold_state = state.get("threshold_state")
+    if run.threshold is not None and threshold_state is not None:
+        run.threshold.state = threshold_state.to(run.device)
     run.metrics = dict(state.get("metrics", {}))
     run.history = list(state.get("history", []))
     run.health = list(state.get("health", []))
@@ -946,6 +964,7 @@ def train_steps(run: TrainRun, hooks: RunHooks) -> bool:
             else None
         ),
         prior=run.fair_prior,
+        threshold=run.threshold,
         **_compiled_forwards(run),
     )
     loader = _make_loader(run)
