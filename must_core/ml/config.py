@@ -150,6 +150,11 @@ class MustConfig(BaseModel):
     # image at m9; the reference: yes). "auto": yes unless the zero-shot model's predictions survive
     # that translation much worse than a small shift (must_core.ml.augment; needs probe_samples > 0).
     randaug_geometric: bool | Literal["auto"] = "auto"
+    # "auto": strong_crop_scale and randaug_magnitude are the strongest allowed; the crop narrows and
+    # the magnitude drops where the zero-shot model's predictions on the student's views stop agreeing
+    # with those on the eval view (must_core.ml.augment.choose_strength; needs probe_samples > 0).
+    # "config": exactly as configured.
+    strong_strength: Literal["auto", "config"] = "auto"
 
     # --- runtime --------------------------------------------------------------------------
     seed: int = 0

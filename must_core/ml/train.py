@@ -10,6 +10,7 @@ prepare, restore, train steps, finalize.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -34,7 +35,7 @@ from must_core.errors import (
 from must_core.fsutil import atomic_write
 from must_core.ml import checkpoint as ckpt
 from must_core.ml import gallery
-from must_core.ml.augment import choose_augmentation
+from must_core.ml.augment import ViewAgreement, choose_augmentation, choose_strength
 from must_core.ml.config import (
     BaseModelSpec,
     MustConfig,
@@ -291,8 +292,9 @@ class TrainRun:
     eval_items: list[tuple[Path, int]] | None = None
     resumed_from_step: int | None = None
     probe: Probe | None = None  # label-free health probe (None: probe_samples = 0)
-    hflip: float = 0.5  # the student view's flip probability (resolved from cfg.strong_hflip)
-    geometric: bool = True  # RandAugment's geometric ops on (resolved from cfg.randaug_geometric)
+    # the student view's recipe (crop_scale, randaug_num_ops/_magnitude, hflip, geometric), resolved
+    # from the config and the label-free rules (_choose_augmentation)
+    augmentation: dict[str, Any] = field(default_factory=dict)
     health: list[dict[str, Any]] = field(default_factory=list)  # one entry per health interval
     zero_shot_state: dict[str, torch.Tensor] | None = None  # CPU copy, for served_model
     _pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -505,7 +507,7 @@ def _build_run(
     amp_dtype = autocast_dtype(cfg, device)
     # Before any update (and before a resume loads trained weights): the zero-shot reference.
     probe = _build_probe(cfg, model, data.prepared or data.files(), preprocess, device, amp_dtype)
-    augmentation = _choose_augmentation(cfg, model, probe, device, amp_dtype)
+    augmentation = _choose_augmentation(cfg, model, probe, device, amp_dtype, preprocess)
     zero_shot_state = (
         {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if cfg.served_model in ("auto", "zero_shot") and dist.is_main
@@ -559,8 +561,7 @@ def _build_run(
         preparation=data.preparation,
         data_stats=data.stats,
         probe=probe,
-        hflip=augmentation["hflip"],
-        geometric=augmentation["geometric"],
+        augmentation=augmentation,
         metrics={"augmentation": augmentation},
         zero_shot_state=zero_shot_state,
         fair_prior=_fair_prior(cfg, probe, inputs.class_names, device),
@@ -612,6 +613,7 @@ def _choose_augmentation(
     probe: Probe | None,
     device: torch.device,
     amp_dtype: torch.dtype | None,
+    preprocess: Preprocess,
 ) -> dict[str, Any]:
     """The student view's recipe: explicit values, or the label-free rules for "auto"."""
     recipe: dict[str, Any] = {
@@ -624,7 +626,7 @@ def _choose_augmentation(
         for k, v in (("hflip", cfg.strong_hflip), ("geometric", cfg.randaug_geometric))
         if v != "auto"
     }
-    if len(explicit) == 2:
+    if len(explicit) == 2 and cfg.strong_strength == "config":
         return {**recipe, **explicit, "chosen_by": "config"}
     if probe is None:
         return {
@@ -634,19 +636,28 @@ def _choose_augmentation(
             **explicit,
             "chosen_by": "default (no probe images)",
         }
+    autocast = functools.partial(_autocast, device, amp_dtype)
     chosen = choose_augmentation(
-        probe,
-        model,
-        device,
-        cfg.eval_batch_size,
-        lambda: _autocast(device, amp_dtype),
-        magnitude=cfg.randaug_magnitude,
+        probe, model, device, cfg.eval_batch_size, autocast, magnitude=cfg.randaug_magnitude
     )
+    chosen.update(explicit)
+    if cfg.strong_strength == "auto":
+        agree = ViewAgreement(probe, model, device, cfg.eval_batch_size, autocast, preprocess)
+        chosen |= choose_strength(
+            agree,
+            chosen["shift_agreement"],
+            crop_scale=cfg.strong_crop_scale,
+            num_ops=cfg.randaug_num_ops,
+            magnitude=cfg.randaug_magnitude,
+            magnitude_std=cfg.randaug_magnitude_std,
+            geometric=bool(chosen["geometric"]),
+        )
     _logger.info("augmentation: %s", chosen)
+    configured = [*explicit, *(["strength"] if cfg.strong_strength == "config" else [])]
     how = "zero-shot agreement on the unlabeled data" + (
-        f" ({', '.join(explicit)} from config)" if explicit else ""
+        f" ({', '.join(configured)} from config)" if configured else ""
     )
-    return {**recipe, **chosen, **explicit, "chosen_by": how}
+    return {**recipe, **chosen, "chosen_by": how}
 
 
 def _fair_prior(
@@ -862,7 +873,7 @@ def _evaluate(run: TrainRun, net: torch.nn.Module) -> dict[str, Any]:
 
 # ---- phase 3: train steps ---------------------------------------------------------------------------
 def _make_loader(run: TrainRun) -> DataLoader[Any]:
-    cfg = run.cfg
+    cfg, aug = run.cfg, run.augmentation
     sampler: Sampler[SampleKey]
     source: ImageSource
     if run.prepared is not None:
@@ -895,12 +906,12 @@ def _make_loader(run: TrainRun) -> DataLoader[Any]:
         WeakView(run.preprocess.image_size),
         StrongView(
             run.preprocess,
-            cfg.strong_crop_scale,
-            cfg.randaug_num_ops,
-            cfg.randaug_magnitude,
+            tuple(aug["crop_scale"]),
+            aug["randaug_num_ops"],
+            aug["randaug_magnitude"],
             cfg.randaug_magnitude_std,
-            hflip=run.hflip,
-            geometric=run.geometric,
+            hflip=aug["hflip"],
+            geometric=aug["geometric"],
         ),
         run.masks,
         seed=cfg.seed,

@@ -4,11 +4,22 @@ prediction much more than a small shift does, on otherwise."""
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
-from must_core.ml.augment import choose_augmentation, shifted, translated
+from must_core.ml.augment import (
+    MAGNITUDE_RATIO,
+    ViewAgreement,
+    choose_augmentation,
+    choose_strength,
+    shifted,
+    translated,
+)
 from must_core.ml.health import Probe
+from must_core.ml.model import Preprocess
 
 
 class _SideClassifier(torch.nn.Module):
@@ -102,11 +113,105 @@ def test_explicit_settings_skip_the_rules() -> None:
     from must_core.ml.train import _choose_augmentation
 
     cpu = torch.device("cpu")
-    both = make_config(strong_hflip=0, randaug_geometric=False)
-    out = _choose_augmentation(both, _SideClassifier(), None, cpu, None)  # type: ignore[arg-type]
+    both = make_config(strong_hflip=0, randaug_geometric=False, strong_strength="config")
+    out = _choose_augmentation(both, _SideClassifier(), None, cpu, None, _PP)  # type: ignore[arg-type]
     assert (out["hflip"], out["geometric"], out["chosen_by"]) == (0.0, False, "config")
     model = _QuadrantClassifier()
-    one = make_config(strong_hflip=0.5)  # the flip pinned, the geometric ops chosen by the rule
-    out = _choose_augmentation(one, model, _probe(model, quadrants=True), cpu, None)  # type: ignore[arg-type]
+    # the flip and the strength pinned, the geometric ops chosen by the rule
+    one = make_config(strong_hflip=0.5, strong_strength="config")
+    out = _choose_augmentation(one, model, _probe(model, quadrants=True), cpu, None, _PP)  # type: ignore[arg-type]
     assert out["hflip"] == 0.5 and out["geometric"] is False
-    assert out["chosen_by"] == "zero-shot agreement on the unlabeled data (hflip from config)"
+    assert out["chosen_by"] == (
+        "zero-shot agreement on the unlabeled data (hflip, strength from config)"
+    )
+    assert out["randaug_magnitude"] == 9.0 and "randaug_agreement" not in out
+
+
+# ---- the strength of the student view: crop scale and RandAugment magnitude -----------------------
+_PP = Preprocess(image_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+
+_LEVELS = (0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85)
+
+
+class _LevelClassifier(torch.nn.Module):
+    """Eight grey levels by the mean intensity: brightness, contrast, solarize or invert change the
+    class, a crop does not."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean((1, 2, 3)).view(-1, 1)
+        return -40 * (m - torch.tensor(_LEVELS)).abs()
+
+
+class _CornerClassifier(torch.nn.Module):
+    """Which corner holds the bright dot (none: class 4): a tight crop cuts the dot out or moves it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.shape[-1] // 4
+        corners = [x[..., :s, :s], x[..., :s, -s:], x[..., -s:, :s], x[..., -s:, -s:]]
+        q = torch.stack([c.mean((1, 2, 3)) for c in corners], -1)
+        return torch.cat([40 * q, torch.full_like(q[:, :1], 40 * 0.3)], -1)
+
+
+def _image_probe(model: torch.nn.Module, images: list[Image.Image]) -> Probe:
+    x = torch.stack([torch.from_numpy(np.array(i)).permute(2, 0, 1).float() / 255 for i in images])
+    with torch.no_grad():
+        probs = model(x).softmax(-1)
+    return Probe(x=x, zero_shot_probs=probs, images=images)
+
+
+def _strength(model: torch.nn.Module, images: list[Image.Image], **kw: Any) -> dict[str, Any]:
+    probe = _image_probe(model, images)
+    cpu = torch.device("cpu")
+    agree = ViewAgreement(probe, model, cpu, 16, contextlib.nullcontext, _PP)
+    shift = choose_augmentation(probe, model, cpu, 16, contextlib.nullcontext)["shift_agreement"]
+    args = {"crop_scale": (0.8, 1.0), "num_ops": 2, "magnitude": 9.0, "magnitude_std": 0.5}
+    return choose_strength(agree, shift, **{**args, "geometric": False, **kw})
+
+
+def _grey_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    levels = _LEVELS * 6
+    return [
+        Image.fromarray(
+            np.clip(255 * (v + rng.normal(0, 0.03, (32, 32, 3))), 0, 255).astype("uint8")
+        )
+        for v in levels
+    ]
+
+
+def test_randaugment_is_weakened_when_it_erases_what_the_classes_differ_in() -> None:
+    out = _strength(_LevelClassifier(), _grey_images())
+    assert out["crop_agreement"] == 1.0 and out["crop_scale"] == [0.8, 1.0]  # crops are harmless
+    assert out["randaug_magnitude"] < 9.0  # brightness/contrast at m9 move most images' level
+    assert out["randaug_agreement"] >= MAGNITUDE_RATIO * out["crop_agreement"]
+
+
+def test_the_configured_strength_is_kept_when_no_view_changes_the_prediction() -> None:
+    class _Constant(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[1.0, 0.0]]).repeat(len(x), 1)
+
+    out = _strength(_Constant(), _grey_images(), crop_scale=(0.3, 1.0))
+    assert out == {
+        "crop_scale": [0.3, 1.0],
+        "randaug_num_ops": 2,
+        "randaug_magnitude": 9.0,
+        "crop_agreement": 1.0,
+        "randaug_agreement": 1.0,
+    }
+
+
+def test_crops_that_cut_the_class_out_are_narrowed() -> None:
+    images = []
+    for i in range(48):
+        a = np.full((32, 32, 3), 60, np.uint8)
+        if i % 5 < 4:  # a bright 5 px dot in one corner, 2 px from the edges
+            r, c = divmod(i % 5, 2)
+            a[2 + 25 * r - 2 * r : 7 + 25 * r - 2 * r, 2 + 25 * c - 2 * c : 7 + 25 * c - 2 * c] = (
+                255
+            )
+        images.append(Image.fromarray(a))
+    out = _strength(_CornerClassifier(), images, crop_scale=(0.3, 1.0), num_ops=0)
+    assert out["crop_scale"][0] > 0.3
+    assert out["randaug_num_ops"] == 0 and out["randaug_agreement"] == out["crop_agreement"]
