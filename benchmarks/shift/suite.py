@@ -403,6 +403,14 @@ def markdown(result: dict[str, Any]) -> str:
                     f"RandAugment ops {'on' if aug['geometric'] else 'off'}."
                     if "translate_agreement" in aug
                     else "."
+                )
+                + (
+                    f" Strength: crop agreement {aug['crop_agreement']:.3f} → crop scale "
+                    f"{tuple(aug['crop_scale'])}; RandAugment agreement "
+                    f"{aug['randaug_agreement']:.3f} → magnitude {aug['randaug_magnitude']:g}"
+                    f" ({aug['randaug_num_ops']} ops)."
+                    if "randaug_agreement" in aug
+                    else ""
                 ),
             ]
         lines.append("")

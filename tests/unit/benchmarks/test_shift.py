@@ -257,7 +257,16 @@ def test_suite_markdown_is_spliced_from_the_results() -> None:
         "val_top1_per_seed": [60.5],
         "served_per_seed": ["student"],
         "warnings_per_seed": [[]],
-        "augmentation": {"flip_agreement": 0.4, "shift_agreement": 0.9, "hflip": 0.0},
+        "augmentation": {
+            "flip_agreement": 0.4,
+            "shift_agreement": 0.9,
+            "hflip": 0.0,
+            "crop_agreement": 0.95,
+            "crop_scale": [0.8, 1.0],
+            "randaug_agreement": 0.55,
+            "randaug_magnitude": 7.0,
+            "randaug_num_ops": 2,
+        },
     }
     result = {
         "benchmarks": {
@@ -273,6 +282,7 @@ def test_suite_markdown_is_spliced_from_the_results() -> None:
     }
     md = markdown(result)
     assert "| must_default | [0] | 400 | 61.50 |" in md and "+21.50" in md and "flip p = 0.0" in md
+    assert "RandAugment agreement 0.550 → magnitude 7 (2 ops)" in md
     doc = "# Benchmarks\n\n## Other\nkept\n"
     once = splice(doc, md)
     assert "## Other\nkept" in once and HEADING in once

@@ -4,6 +4,7 @@ prediction much more than a small shift does, on otherwise."""
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -215,3 +216,24 @@ def test_crops_that_cut_the_class_out_are_narrowed() -> None:
     out = _strength(_CornerClassifier(), images, crop_scale=(0.3, 1.0), num_ops=0)
     assert out["crop_scale"][0] > 0.3
     assert out["randaug_num_ops"] == 0 and out["randaug_agreement"] == out["crop_agreement"]
+
+
+def test_a_run_reports_the_chosen_strength_and_trains_with_it(tmp_path: Path, tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    from must_core.ml.config import make_config
+    from must_core.ml.train import adapt
+    from tests.conftest import write_images
+
+    write_images(tmp_path / "d", 16, seed=3)
+    cfg = make_config(batch_size=8, epochs=1, probe_samples=16, randaug_magnitude=5.0)
+    res = adapt(
+        cfg,
+        images_dir=tmp_path / "d",
+        class_names=["red", "green", "blue"],
+        output_dir=tmp_path / "out",
+        base_model=tiny_spec,
+    )
+    aug = res.metrics["augmentation"]
+    assert res.status == "completed"
+    assert 0 <= aug["crop_agreement"] <= 1 and 0 <= aug["randaug_agreement"] <= 1
+    assert aug["randaug_magnitude"] <= 5.0 and aug["crop_scale"][0] >= 0.8
+    assert aug["chosen_by"] == "zero-shot agreement on the unlabeled data"
