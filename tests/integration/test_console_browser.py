@@ -123,7 +123,8 @@ def test_console_end_to_end(
     # watch it reach succeeded: the curve is drawn, the gallery filled, the logs shown
     page.wait_for_selector("#job-status .status.succeeded", timeout=240_000)
     page.wait_for_selector("#gallery img", timeout=30_000)
-    steps = client_a.get(f"/v1/jobs/{job_id}").json()["progress"]["total_steps"]
+    job = client_a.get(f"/v1/jobs/{job_id}").json()  # finished: what the page shows comes from it
+    steps = job["progress"]["total_steps"]
     assert page.inner_text("h2 >> nth=0").startswith(f"Training curves ({steps} points)")
     line = page.locator("#chart-loss polyline[data-series=loss]")
     assert len(line.get_attribute("points").split()) == steps
@@ -131,7 +132,7 @@ def test_console_end_to_end(
     assert page.locator("#eval tbody tr").count() == 2 + len(CLASSES)  # top-1, mean, per class
     assert page.locator("#histogram tbody tr").count() == len(CLASSES)
     # the run-health warnings the API reports are on the page (or that there are none)
-    codes = [w["code"] for w in client_a.get(f"/v1/jobs/{job_id}").json()["warnings"]]
+    codes = [w["code"] for w in job["warnings"]]
     health = page.locator("#job-warnings")
     if codes:
         shown = health.locator("[data-code]")
@@ -149,7 +150,7 @@ def test_console_end_to_end(
     page.screenshot(path=str(shots / "jobs.png"))
 
     # classify an image: adapted and zero-shot side by side
-    model_id = client_a.get(f"/v1/jobs/{job_id}").json()["model_id"]
+    model_id = job["model_id"]
     img = tmp_path / "red.png"
     img.write_bytes(images["red/000.png"])
     page.goto(f"{api}/ui/#/classify?model={model_id}")
