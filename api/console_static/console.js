@@ -209,7 +209,7 @@ function gallery(job, pc) {
       box.replaceChildren(res.items.length ? h("div", { class: "gallery" }, res.items.map((s) =>
         h("figure", {}, h("img", { src: s.thumbnail, alt: s.path, title: s.path }),
           h("figcaption", {}, s.score.toFixed(2))))) : h("p", { class: "muted" },
-        "the adapted model predicts this class for none of the sampled images"));
+        "the served model predicts this class for none of the sampled images"));
     } catch (e) { box.replaceChildren(errorBox(e)); }
   }
   const pick = h("select", { id: "gallery-class", onchange: (ev) => show(ev.target.value) },

@@ -393,7 +393,7 @@ class Sample(BaseModel):
     class_name: str = Field(..., description="the predicted class", examples=["cat"])
     rank: int = Field(
         ...,
-        description="0: the adapted model's most confident image of the class",
+        description="0: the served model's most confident image of the class",
         examples=[0],
     )
     path: str = Field(..., description="the image's path inside the dataset", examples=["a/1.jpg"])

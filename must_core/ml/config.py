@@ -181,7 +181,7 @@ class MustConfig(BaseModel):
     export_ema: bool = True  # also export the EMA teacher as model_ema.safetensors
     # Label-free spot checks (must_core.ml.gallery): a fixed random sample of this many unlabeled
     # images is classified by the zero-shot model before training and by the adapted one after it
-    # (predicted-class histograms), and the adapted model's most confident images per class become
+    # (predicted-class histograms), and the served weights' most confident images per class become
     # the sample gallery (``gallery_per_class`` thumbnails of ``gallery_thumb_px``). 0: no pass.
     gallery_max_images: int = Field(2000, ge=0, le=10_000_000)
     gallery_per_class: int = Field(8, ge=0, le=100)

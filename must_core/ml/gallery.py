@@ -4,8 +4,8 @@ the user's own images under each predicted class.
 A fixed random sample of the unlabeled images (``cfg.gallery_max_images``, the same sample before
 and after training) is classified by the zero-shot model before the first step and by the adapted
 model at the end. The run's metrics get both predicted-class histograms (``predicted_classes``,
-keyed by class name); ``gallery.json`` in the output folder holds, per class, the adapted model's
-most confident images as small JPEG thumbnails with their scores (the worker stores them with the
+keyed by class name); ``gallery.json`` in the output folder holds, per class, the served weights'
+(student, EMA teacher or zero-shot model) most confident images as small JPEG thumbnails with their scores (the worker stores them with the
 model; ``GET /v1/jobs/{id}/samples`` serves them).
 """
 

@@ -10,6 +10,7 @@ prepare, restore, train steps, finalize.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -812,20 +813,37 @@ def evaluate_zero_shot(run: TrainRun) -> None:
 def spot_check(run: TrainRun, which: Literal["zero_shot", "adapted"]) -> None:
     """Predicted-class histogram of the fixed unlabeled sample (:mod:`must_core.ml.gallery`) under
     the zero-shot model (before any update, once per run) or the adapted student and teacher (at
-    the end, with the sample gallery written to the output folder). Rank 0; the others wait."""
+    the end, with the sample gallery of the served weights written to the output folder). Rank 0;
+    the others wait."""
     cfg = run.cfg
     done = which in run.metrics.get("predicted_classes", {})
     if cfg.gallery_max_images and run.dist.is_main and (which == "adapted" or not done):
         files = run.unlabeled_sample(cfg.gallery_max_images)
         names = run.inputs.class_names
         hist = run.metrics.setdefault("predicted_classes", {"num_images": len(files)})
+        served = str(run.metrics.get("served_model", {}).get("weights", "student"))
+        if served == "zero_shot" and run.zero_shot_state is None:
+            served = "student"  # not kept (another served_model); cannot happen under "auto"
         nets = [("adapted", run.model), ("adapted_ema", run.teacher)]
+        if served == "zero_shot" and which == "adapted":
+            nets.append(("served_zero_shot", _zero_shot_copy(run)))
+        shown = {"student": "adapted", "ema": "adapted_ema", "zero_shot": "served_zero_shot"}
         for name, net in [("zero_shot", run.model)] if which == "zero_shot" else nets:
             idx, scores = _top1(run, net, files)
-            hist[name] = gallery.class_histogram(idx, names)
-            if name == "adapted":
+            if name != "served_zero_shot":
+                hist[name] = gallery.class_histogram(idx, names)
+            if name == shown[served]:
                 _write_gallery(run, files, idx, scores)
+                run.metrics["gallery_weights"] = served
     run.dist.barrier()
+
+
+def _zero_shot_copy(run: TrainRun) -> torch.nn.Module:
+    """The model with its zero-shot weights, beside the trained one (for the served gallery)."""
+    net = copy.deepcopy(run.model)
+    assert run.zero_shot_state is not None
+    net.load_state_dict(run.zero_shot_state)
+    return net.eval()
 
 
 def _top1(run: TrainRun, net: torch.nn.Module, files: list[Path]) -> tuple[list[int], list[float]]:

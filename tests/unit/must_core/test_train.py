@@ -346,8 +346,11 @@ def test_eval_labels_mapped_by_class_name_and_export_matches_engine(
         assert set(hist[key]) == set(CLASSES) and sum(hist[key].values()) == 16
     samples = json.loads((tmp_path / "o" / "gallery.json").read_text())
     assert set(samples) == set(CLASSES)
+    served = res.metrics["served_model"]["weights"]
+    assert res.metrics["gallery_weights"] == served  # the gallery shows what /classify serves
+    key = {"student": "adapted", "ema": "adapted_ema", "zero_shot": "zero_shot"}[served]
     for name, shown in samples.items():
-        assert len(shown) == min(hist["adapted"][name], 8)
+        assert len(shown) == min(hist[key][name], 8)
         assert [i["score"] for i in shown] == sorted((i["score"] for i in shown), reverse=True)
         assert all(i["thumbnail"].startswith("data:image/jpeg;base64,") for i in shown)
     assert res.model_path is not None
@@ -650,3 +653,20 @@ def test_resume_with_other_hyperparameters_is_refused(tmp_path: Path, tiny_spec)
     # runtime settings may differ
     res = adapt(cfg.model_copy(update={"progress_every_steps": 3, "eval_batch_size": 7}), **kw)
     assert res.status == "completed" and res.resumed_from_step == 2
+
+
+@pytest.mark.parametrize(("served", "key"), [("ema", "adapted_ema"), ("zero_shot", "zero_shot")])
+def test_the_gallery_shows_the_served_weights(tmp_path: Path, tiny_spec, served, key) -> None:  # type: ignore[no-untyped-def]
+    write_images(tmp_path / "d", 16)
+    res = adapt(
+        _cfg(epochs=1, served_model=served),
+        images_dir=tmp_path / "d",
+        class_names=CLASSES,
+        output_dir=tmp_path / "o",
+        base_model=tiny_spec,
+    )
+    assert res.metrics["served_model"]["weights"] == served
+    assert res.metrics["gallery_weights"] == served
+    hist = res.metrics["predicted_classes"][key]  # the same 16 images under the served weights
+    samples = json.loads((tmp_path / "o" / "gallery.json").read_text())
+    assert {n: len(s) for n, s in samples.items()} == {n: min(c, 8) for n, c in hist.items()}
