@@ -51,6 +51,7 @@ from benchmarks.shift.data import (
     write_target,
 )
 from benchmarks.shift.pretrain import SIDE_STAGES, SUITE_STAGES
+from must_core.ml import augment
 
 SIZES = ("small", "large")
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -168,6 +169,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "grid_lr2e-4": {"lr": 2e-4},
     "grid_fair2": {"fair_weight": 2.0},
     "grid_randaug0": {"randaug_num_ops": 0},
+    "grid_m5": {"randaug_magnitude": 5.0},
 }
 DEFAULT_VARIANTS = ("must_default", "must_reference", "self_training_plain", "no_fair")
 # How every run executes: one thread, no loader processes, no sample gallery (a run's numbers do not
@@ -178,6 +180,22 @@ RUN_SETTINGS: dict[str, Any] = {
     "device": "cpu",
     "num_workers": 0,
     "gallery_max_images": 0,
+}
+
+
+# The label-free augmentation rules' constants (must_core.ml.augment): they change what a run trains
+# on without changing the engine config, so they key the finished runs too.
+AUGMENT_RULES = {
+    k: getattr(augment, k)
+    for k in (
+        "FLIP_TOLERANCE",
+        "GEOMETRIC_RATIO",
+        "CROP_RATIO",
+        "MAGNITUDE_RATIO",
+        "MAGNITUDE_STEP",
+        "DETAIL_RATIO",
+        "LOW_DETAIL_MAGNITUDE",
+    )
 }
 
 
@@ -548,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
             "style": style_key(),
             "defaults": defaults,
             "run_settings": RUN_SETTINGS,
+            "augment_rules": AUGMENT_RULES,
         }
         return _run_key({**common, "domain": repr(DOMAINS[name])}, variant, seed)
 

@@ -6,6 +6,7 @@ may contain anything: files that are not decodable images are skipped and counte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -414,6 +415,27 @@ class RawImages:
         raise EmptyDatasetError("no image in the dataset can be decoded any more")
 
 
+@contextlib.contextmanager
+def seeded_transforms(seed: int) -> Iterator[None]:
+    """Seed the RNGs that timm/torchvision transforms draw from (python, numpy for RandAugment's op
+    choice, torch's CPU generator) and restore the caller's states afterwards, so that a view is a
+    function of ``seed`` alone and the caller's RNG stream is untouched. Without numpy here the op
+    choice depended on the process's history (and repeated across loader workers, which PyTorch does
+    not reseed for numpy)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            # The CPU generator only: the transforms run on CPU, and torch.manual_seed would also
+            # queue a CUDA re-seed that formats a stack trace per call (~1 ms per sample).
+            torch.default_generator.manual_seed(seed)
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
 class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
     """(weak view, strong view, token mask) per image as uint8, seeded by (seed, epoch, index)."""
 
@@ -438,21 +460,9 @@ class MustTrainDataset(Dataset[tuple[torch.Tensor, torch.Tensor, torch.Tensor]])
         sample_seed = [self.seed, epoch, idx]
         rng = np.random.default_rng(sample_seed)
         torch_seed = int(rng.integers(0, 2**62))
-        # timm/torchvision draw from the global python, numpy (RandAugment's op choice) and torch RNGs:
-        # seed all three per sample, restoring the caller's state so the training loop's RNG stream is
-        # untouched. Without numpy here the op choice depended on the process's history (and repeated
-        # across loader workers, which PyTorch does not reseed for numpy).
-        py_state, np_state = random.getstate(), np.random.get_state()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(torch_seed)
-            np.random.seed(torch_seed % 2**32)
-            # The CPU generator only: the transforms run on CPU, and torch.manual_seed would also queue
-            # a CUDA re-seed that formats a stack trace per call (~1 ms per sample, 20 % of loading).
-            torch.default_generator.manual_seed(torch_seed)
+        with seeded_transforms(torch_seed):
             weak = self.weak(img)
             strong = self.strong(img)
-        random.setstate(py_state)
-        np.random.set_state(np_state)
         mask = torch.from_numpy(self.masks(rng))
         return weak, strong, mask
 

@@ -36,7 +36,7 @@ from must_core.errors import (
 from must_core.fsutil import atomic_write
 from must_core.ml import checkpoint as ckpt
 from must_core.ml import gallery
-from must_core.ml.augment import ViewAgreement, choose_augmentation, choose_strength
+from must_core.ml.augment import choose_recipe
 from must_core.ml.config import (
     BaseModelSpec,
     MustConfig,
@@ -294,10 +294,13 @@ class TrainRun:
     resumed_from_step: int | None = None
     probe: Probe | None = None  # label-free health probe (None: probe_samples = 0)
     # the student view's recipe (crop_scale, randaug_num_ops/_magnitude, hflip, geometric), resolved
-    # from the config and the label-free rules (_choose_augmentation)
+    # from the config and the label-free rules (augment.choose_recipe)
     augmentation: dict[str, Any] = field(default_factory=dict)
     health: list[dict[str, Any]] = field(default_factory=list)  # one entry per health interval
     zero_shot_state: dict[str, torch.Tensor] | None = None  # CPU copy, for served_model
+    # the zero-shot model's (top-1 index, score) per gallery sample image, when this process
+    # predicted them before training (not after a resume)
+    zero_shot_top1: tuple[list[int], list[float]] | None = None
     _pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -508,7 +511,10 @@ def _build_run(
     amp_dtype = autocast_dtype(cfg, device)
     # Before any update (and before a resume loads trained weights): the zero-shot reference.
     probe = _build_probe(cfg, model, data.prepared or data.files(), preprocess, device, amp_dtype)
-    augmentation = _choose_augmentation(cfg, model, probe, device, amp_dtype, preprocess)
+    augmentation = choose_recipe(
+        cfg, model, probe, device, functools.partial(_autocast, device, amp_dtype), preprocess
+    )
+    _logger.info("augmentation: %s", augmentation)
     zero_shot_state = (
         {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if cfg.served_model in ("auto", "zero_shot") and dist.is_main
@@ -606,59 +612,6 @@ def _build_probe(
         model, x, device, cfg.eval_batch_size, lambda: _autocast(device, amp_dtype)
     )
     return Probe(x=x, zero_shot_probs=probs, images=images)
-
-
-def _choose_augmentation(
-    cfg: MustConfig,
-    model: MustModel,
-    probe: Probe | None,
-    device: torch.device,
-    amp_dtype: torch.dtype | None,
-    preprocess: Preprocess,
-) -> dict[str, Any]:
-    """The student view's recipe: explicit values, or the label-free rules for "auto"."""
-    recipe: dict[str, Any] = {
-        "crop_scale": list(cfg.strong_crop_scale),
-        "randaug_num_ops": cfg.randaug_num_ops,
-        "randaug_magnitude": cfg.randaug_magnitude,
-    }
-    explicit = {
-        k: v
-        for k, v in (("hflip", cfg.strong_hflip), ("geometric", cfg.randaug_geometric))
-        if v != "auto"
-    }
-    if len(explicit) == 2 and cfg.strong_strength == "config":
-        return {**recipe, **explicit, "chosen_by": "config"}
-    if probe is None:
-        return {
-            **recipe,
-            "hflip": 0.5,
-            "geometric": True,
-            **explicit,
-            "chosen_by": "default (no probe images)",
-        }
-    autocast = functools.partial(_autocast, device, amp_dtype)
-    chosen = choose_augmentation(
-        probe, model, device, cfg.eval_batch_size, autocast, magnitude=cfg.randaug_magnitude
-    )
-    chosen.update(explicit)
-    if cfg.strong_strength == "auto":
-        agree = ViewAgreement(probe, model, device, cfg.eval_batch_size, autocast, preprocess)
-        chosen |= choose_strength(
-            agree,
-            chosen["shift_agreement"],
-            crop_scale=cfg.strong_crop_scale,
-            num_ops=cfg.randaug_num_ops,
-            magnitude=cfg.randaug_magnitude,
-            magnitude_std=cfg.randaug_magnitude_std,
-            geometric=bool(chosen["geometric"]),
-        )
-    _logger.info("augmentation: %s", chosen)
-    configured = [*explicit, *(["strength"] if cfg.strong_strength == "config" else [])]
-    how = "zero-shot agreement on the unlabeled data" + (
-        f" ({', '.join(configured)} from config)" if configured else ""
-    )
-    return {**recipe, **chosen, "chosen_by": how}
 
 
 def _fair_prior(
@@ -819,23 +772,30 @@ def spot_check(run: TrainRun, which: Literal["zero_shot", "adapted"]) -> None:
     done = which in run.metrics.get("predicted_classes", {})
     if cfg.gallery_max_images and run.dist.is_main and (which == "adapted" or not done):
         files = run.unlabeled_sample(cfg.gallery_max_images)
-        names = run.inputs.class_names
         hist = run.metrics.setdefault("predicted_classes", {"num_images": len(files)})
-        served = str(run.metrics.get("served_model", {}).get("weights", "student"))
-        if served == "zero_shot" and run.zero_shot_state is None:
-            served = "student"  # not kept (another served_model); cannot happen under "auto"
-        nets = [("adapted", run.model), ("adapted_ema", run.teacher)]
-        if served == "zero_shot" and which == "adapted":
-            nets.append(("served_zero_shot", _zero_shot_copy(run)))
-        shown = {"student": "adapted", "ema": "adapted_ema", "zero_shot": "served_zero_shot"}
-        for name, net in [("zero_shot", run.model)] if which == "zero_shot" else nets:
-            idx, scores = _top1(run, net, files)
-            if name != "served_zero_shot":
-                hist[name] = gallery.class_histogram(idx, names)
-            if name == shown[served]:
-                _write_gallery(run, files, idx, scores)
-                run.metrics["gallery_weights"] = served
+        if which == "zero_shot":
+            run.zero_shot_top1 = _top1(run, run.model, files)
+            hist["zero_shot"] = gallery.class_histogram(
+                run.zero_shot_top1[0], run.inputs.class_names
+            )
+        else:
+            _spot_check_adapted(run, files, hist)
     run.dist.barrier()
+
+
+def _spot_check_adapted(run: TrainRun, files: list[Path], hist: dict[str, Any]) -> None:
+    """The student's and the teacher's histograms; the gallery of the served weights."""
+    top1 = {"student": _top1(run, run.model, files), "ema": _top1(run, run.teacher, files)}
+    hist["adapted"] = gallery.class_histogram(top1["student"][0], run.inputs.class_names)
+    hist["adapted_ema"] = gallery.class_histogram(top1["ema"][0], run.inputs.class_names)
+    served = str(run.metrics.get("served_model", {}).get("weights", "student"))
+    if served == "zero_shot" and run.zero_shot_state is None:
+        served = "student"  # not kept (another served_model); cannot happen under "auto"
+    if served == "zero_shot":
+        # the start-of-run pass predicted the sample already, unless this run was resumed since
+        top1["zero_shot"] = run.zero_shot_top1 or _top1(run, _zero_shot_copy(run), files)
+    _write_gallery(run, files, *top1[served])
+    run.metrics["gallery_weights"] = served
 
 
 def _zero_shot_copy(run: TrainRun) -> torch.nn.Module:

@@ -12,10 +12,14 @@ import torch
 from PIL import Image
 
 from must_core.ml.augment import (
+    DETAIL_RATIO,
+    LOW_DETAIL_MAGNITUDE,
     MAGNITUDE_RATIO,
     ViewAgreement,
     choose_augmentation,
+    choose_recipe,
     choose_strength,
+    fine_detail,
     shifted,
     translated,
 )
@@ -111,21 +115,22 @@ def test_shift_repeats_the_edge() -> None:
 
 def test_explicit_settings_skip_the_rules() -> None:
     from must_core.ml.config import make_config
-    from must_core.ml.train import _choose_augmentation
 
     cpu = torch.device("cpu")
     both = make_config(strong_hflip=0, randaug_geometric=False, strong_strength="config")
-    out = _choose_augmentation(both, _SideClassifier(), None, cpu, None, _PP)  # type: ignore[arg-type]
+    out = choose_recipe(both, _SideClassifier(), None, cpu, contextlib.nullcontext, _PP)
     assert (out["hflip"], out["geometric"], out["chosen_by"]) == (0.0, False, "config")
     model = _QuadrantClassifier()
     # the flip and the strength pinned, the geometric ops chosen by the rule
     one = make_config(strong_hflip=0.5, strong_strength="config")
-    out = _choose_augmentation(one, model, _probe(model, quadrants=True), cpu, None, _PP)  # type: ignore[arg-type]
+    probe = _probe(model, quadrants=True)
+    out = choose_recipe(one, model, probe, cpu, contextlib.nullcontext, _PP)
     assert out["hflip"] == 0.5 and out["geometric"] is False
     assert out["chosen_by"] == (
         "zero-shot agreement on the unlabeled data (hflip, strength from config)"
     )
     assert out["randaug_magnitude"] == 9.0 and "randaug_agreement" not in out
+    assert "fine_detail" not in out  # the strength rules did not run
 
 
 # ---- the strength of the student view: crop scale and RandAugment magnitude -----------------------
@@ -203,6 +208,52 @@ def test_the_configured_strength_is_kept_when_no_view_changes_the_prediction() -
     }
 
 
+def _shape_images(source_px: int, n: int = 16) -> list[Image.Image]:
+    """Sharp-edged discs and squares drawn at ``source_px`` and enlarged to 64 px (bicubic)."""
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(n):
+        a = np.full((source_px, source_px, 3), 40, np.uint8)
+        yy, xx = np.mgrid[:source_px, :source_px] / source_px
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.1, 0.25)
+        inside = (
+            (xx - cx) ** 2 + (yy - cy) ** 2 < r**2 if i % 2 else abs(xx - cx) + abs(yy - cy) < r
+        )
+        a[inside] = rng.integers(120, 255, 3)
+        out.append(Image.fromarray(a).resize((64, 64), Image.Resampling.BICUBIC))
+    return out
+
+
+def _tensor(images: list[Image.Image]) -> torch.Tensor:
+    return torch.stack(
+        [torch.from_numpy(np.array(i)).permute(2, 0, 1).float() / 255 for i in images]
+    )
+
+
+def test_fine_detail_tells_images_enlarged_from_a_small_source_from_sharp_ones() -> None:
+    sharp, small = fine_detail(_tensor(_shape_images(64))), fine_detail(_tensor(_shape_images(20)))
+    assert sharp > 3 * DETAIL_RATIO and small < DETAIL_RATIO / 3
+    assert fine_detail(torch.full((4, 3, 16, 16), 0.5)) == 0.0  # flat images have no detail
+
+
+def test_low_detail_images_get_a_gentler_randaugment_even_when_no_view_changes_the_prediction() -> (
+    None
+):
+    class _Constant(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([[1.0, 0.0]]).repeat(len(x), 1)
+
+    small = _shape_images(20)
+    detail = fine_detail(_image_probe(_Constant(), small).x)
+    low = _strength(_Constant(), small, detail=detail)
+    sharp = _strength(
+        _Constant(), _shape_images(64), detail=fine_detail(_tensor(_shape_images(64)))
+    )
+    assert sharp["randaug_magnitude"] == 9.0 and sharp["randaug_num_ops"] == 2
+    assert low["randaug_magnitude"] == LOW_DETAIL_MAGNITUDE
+    assert low["randaug_num_ops"] == (2 if LOW_DETAIL_MAGNITUDE > 0 else 0)
+
+
 def test_crops_that_cut_the_class_out_are_narrowed() -> None:
     images = []
     for i in range(48):
@@ -236,4 +287,5 @@ def test_a_run_reports_the_chosen_strength_and_trains_with_it(tmp_path: Path, ti
     assert res.status == "completed"
     assert 0 <= aug["crop_agreement"] <= 1 and 0 <= aug["randaug_agreement"] <= 1
     assert aug["randaug_magnitude"] <= 5.0 and aug["crop_scale"][0] >= 0.8
+    assert aug["fine_detail"] >= 0
     assert aug["chosen_by"] == "zero-shot agreement on the unlabeled data"

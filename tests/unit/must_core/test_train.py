@@ -670,3 +670,25 @@ def test_the_gallery_shows_the_served_weights(tmp_path: Path, tiny_spec, served,
     hist = res.metrics["predicted_classes"][key]  # the same 16 images under the served weights
     samples = json.loads((tmp_path / "o" / "gallery.json").read_text())
     assert {n: len(s) for n, s in samples.items()} == {n: min(c, 8) for n, c in hist.items()}
+
+
+def test_a_resumed_run_shows_the_same_zero_shot_gallery(tmp_path: Path, tiny_spec) -> None:  # type: ignore[no-untyped-def]
+    """A fresh run reuses its start-of-run zero-shot predictions; a resumed one predicts them again
+    with a copy of the model at its zero-shot weights: the galleries are the same."""
+    write_images(tmp_path / "d", 16)
+    cfg = _cfg(epochs=1, served_model="zero_shot", checkpoint_every_steps=1)
+    kw = {"images_dir": tmp_path / "d", "class_names": CLASSES, "base_model": tiny_spec}
+    fresh = adapt(cfg, output_dir=tmp_path / "fresh", **kw)
+    calls = {"n": 0}
+
+    def stop() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 1
+
+    assert adapt(cfg, output_dir=tmp_path / "r", should_stop=stop, **kw).status == "stopped"
+    resumed = adapt(cfg, output_dir=tmp_path / "r", **kw)
+    assert resumed.resumed_from_step and resumed.metrics["gallery_weights"] == "zero_shot"
+    assert fresh.metrics["gallery_weights"] == "zero_shot"
+    assert (tmp_path / "r" / "gallery.json").read_text() == (
+        tmp_path / "fresh" / "gallery.json"
+    ).read_text()
