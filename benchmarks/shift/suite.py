@@ -281,6 +281,12 @@ def _zero_shot(base: Any, d: Domain) -> tuple[torch.nn.Module, Any]:
     return build_must_model(clip, list(d.classes), list(d.templates)).eval(), clip.preprocess
 
 
+def _finished(out: Path, key: str) -> bool:
+    """Whether the run folder holds a finished run made under ``key``."""
+    cached = out / "bench_result.json"
+    return cached.exists() and json.loads(cached.read_text()).get("key") == key
+
+
 def run_one(
     d: Domain, variant: str, seed: int, base: Any, splits: dict[str, Path], out: Path, key: str
 ) -> dict[str, Any]:
@@ -289,11 +295,9 @@ def run_one(
     from must_core.ml.train import adapt
 
     cached = out / "bench_result.json"
-    if cached.exists():
-        data = json.loads(cached.read_text())
-        if data.get("key") == key:
-            _log(f"{d.name} {variant} seed {seed}: reusing the finished run")
-            return data["result"]  # type: ignore[no-any-return]
+    if _finished(out, key):
+        _log(f"{d.name} {variant} seed {seed}: reusing the finished run")
+        return json.loads(cached.read_text())["result"]  # type: ignore[no-any-return]
     cfg = make_config(**VARIANTS[variant], **RUN_SETTINGS, seed=seed)
     t0 = time.monotonic()
     res = adapt(
@@ -407,37 +411,50 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{_cells(r['val_top1_per_seed'])} | {gain:+.2f} | {r['served_per_seed']} | "
                 f"{r['warnings_per_seed']} |"
             )
-        aug = next(
-            (r.get("augmentation") for r in b["runs"].values() if r.get("augmentation")), None
-        )
+        default_first = [b["runs"].get("must_default", {}), *b["runs"].values()]
+        aug = next((r["augmentation"] for r in default_first if r.get("augmentation")), None)
         if aug and "flip_agreement" in aug:
-            lines += [
-                "",
-                f"Label-free augmentation rules (default run): flip agreement "
-                f"{aug['flip_agreement']:.3f}, shift agreement {aug['shift_agreement']:.3f} → flip "
-                f"p = {aug['hflip']}"
-                + (
-                    f"; translate agreement {aug['translate_agreement']:.3f} → geometric "
-                    f"RandAugment ops {'on' if aug['geometric'] else 'off'}."
-                    if "translate_agreement" in aug
-                    else "."
-                )
-                + (
-                    f" Strength: crop agreement {aug['crop_agreement']:.3f} → crop scale "
-                    f"{tuple(aug['crop_scale'])}; RandAugment agreement "
-                    f"{aug['randaug_agreement']:.3f} → magnitude {aug['randaug_magnitude']:g}"
-                    f" ({aug['randaug_num_ops']} ops)."
-                    if "randaug_agreement" in aug
-                    else ""
-                ),
-            ]
+            lines += ["", "Label-free augmentation rules (default run): " + _recipe_sentence(aug)]
         lines.append("")
     lines.append(
         f"Wall time of the last invocation: {result['wall_seconds']:.0f} s with "
         f"{result.get('jobs', 1)} runs at a time; all runs in the file, summed (one thread each): "
         f"{result.get('run_seconds_sum', 0):.0f} s."
     )
+    full = result.get("full_suite")
+    if full:
+        lines.append(
+            f"The last full default invocation (`{full['command']}`, {full['runs']} runs, "
+            f"{full['runs_reused']} of them reused from the run cache): {full['wall_seconds']:.0f} s."
+        )
     return "\n".join(lines) + "\n"
+
+
+def _recipe_sentence(aug: dict[str, Any]) -> str:
+    """The label-free augmentation choices of one run, as a sentence."""
+    text = (
+        f"flip agreement {aug['flip_agreement']:.3f}, shift agreement "
+        f"{aug['shift_agreement']:.3f} → flip p = {aug['hflip']}"
+    )
+    if "translate_agreement" in aug:
+        on = "on" if aug["geometric"] else "off"
+        text += f"; translate agreement {aug['translate_agreement']:.3f} → geometric ops {on}"
+    text += "."
+    if "randaug_agreement" in aug:
+        text += (
+            f" Strength: crop agreement {aug['crop_agreement']:.3f} → crop scale "
+            f"{tuple(aug['crop_scale'])};"
+        )
+        detail = aug.get("fine_detail")  # absent from runs before the detail rule
+        if detail is not None and detail < augment.DETAIL_RATIO:
+            return text + f" fine detail {detail:.4f} → low-detail images, no RandAugment."
+        if detail is not None:
+            text += f" fine detail {detail:.4f};"
+        text += (
+            f" RandAugment agreement {aug['randaug_agreement']:.3f} → magnitude "
+            f"{aug['randaug_magnitude']:g} ({aug['randaug_num_ops']} ops)."
+        )
+    return text
 
 
 def splice(existing: str, section: str) -> str:
@@ -588,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.variants
         for seed in args.seeds
     ]
+    reused = sum(_finished(out, k) for *_, out, k in tasks)
     done = iter(_run_all(tasks, args.jobs))
     for name in args.domains:
         zs = prepared[name][1]
@@ -600,13 +618,18 @@ def main(argv: list[str] | None = None) -> int:
             }
         result["benchmarks"][name] = _domain_entry(name, zs, runs)
     total = time.monotonic() - t_all
+    command = " ".join(["python -m benchmarks.shift.suite", *(argv or sys.argv[1:])])
+    full = previous.get("full_suite")
+    if set(args.domains) == set(DOMAINS) and set(args.variants) >= set(DEFAULT_VARIANTS):
+        full = {"command": command, "wall_seconds": round(total, 1)}
+        full |= {"runs": len(tasks), "runs_reused": reused, "seeds": args.seeds, "jobs": args.jobs}
     result.update(
         {
             "suite": "shift_suite",
             "description": "tiny CLIP pretrained on rendered icons, adapted without labels to several "
             "rendered target domains; top-1 in percent, test split unless named val",
             "engine_config": make_config().model_dump(mode="json"),
-            "command": " ".join(["python -m benchmarks.shift.suite", *(argv or sys.argv[1:])]),
+            "command": command,
             "wall_seconds": round(total, 1),
             # every run in this file, however many invocations produced them (1 thread each)
             "run_seconds_sum": round(
@@ -618,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                 1,
             ),
             "jobs": args.jobs,
+            # the wall time of the last invocation that ran every domain's default variants
+            "full_suite": full,
             "pretrain_cached": all(b[2] for b in bases.values()),
             "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
         }

@@ -152,7 +152,8 @@ class MustConfig(BaseModel):
     randaug_geometric: bool | Literal["auto"] = "auto"
     # "auto": strong_crop_scale and randaug_magnitude are the strongest allowed; the crop narrows and
     # the magnitude drops where the zero-shot model's predictions on the student's views stop agreeing
-    # with those on the eval view (must_core.ml.augment.choose_strength; needs probe_samples > 0).
+    # with those on the eval view, and RandAugment is off on low-detail images (small crops enlarged
+    # to the input size, blur) (must_core.ml.augment.choose_strength; needs probe_samples > 0).
     # "config": exactly as configured.
     strong_strength: Literal["auto", "config"] = "auto"
 

@@ -266,6 +266,7 @@ def test_suite_markdown_is_spliced_from_the_results() -> None:
             "randaug_agreement": 0.55,
             "randaug_magnitude": 7.0,
             "randaug_num_ops": 2,
+            "fine_detail": 0.03,
         },
     }
     result = {
@@ -279,10 +280,19 @@ def test_suite_markdown_is_spliced_from_the_results() -> None:
             }
         },
         "wall_seconds": 12.0,
+        "full_suite": {
+            "command": "python -m benchmarks.shift.suite",
+            "wall_seconds": 2100.0,
+            "runs": 72,
+            "runs_reused": 0,
+        },
     }
     md = markdown(result)
     assert "| must_default | [0] | 400 | 61.50 |" in md and "+21.50" in md and "flip p = 0.0" in md
-    assert "RandAugment agreement 0.550 → magnitude 7 (2 ops)" in md
+    assert "fine detail 0.0300; RandAugment agreement 0.550 → magnitude 7 (2 ops)" in md
+    assert "72 runs, 0 of them reused from the run cache): 2100 s" in md
+    run["augmentation"] |= {"fine_detail": 0.003, "randaug_num_ops": 0, "randaug_magnitude": 0.0}
+    assert "fine detail 0.0030 → low-detail images, no RandAugment." in markdown(result)
     doc = "# Benchmarks\n\n## Other\nkept\n"
     once = splice(doc, md)
     assert "## Other\nkept" in once and HEADING in once
