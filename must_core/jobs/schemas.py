@@ -68,9 +68,11 @@ class _Schema(BaseModel):
 
 
 class BaseModelRequest(BaseModel):
-    """Which CLIP to start from. ``config_uri``/``checkpoint_uri``: file://, s3:// or https://."""
+    """Which CLIP to start from. ``config_uri``/``checkpoint_uri``: file://, s3:// or https://.
+    Strict: ``0`` is not ``false`` (the schema says boolean, and a request the schema rejects is
+    refused)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     arch: str = Field("ViT-B-16", min_length=1, max_length=300)
     pretrained: str | None = Field(None, max_length=300)

@@ -231,3 +231,22 @@ def test_base_model_checked_at_submission(
     assert r.status_code == 422, r.text
     assert r.json()["code"] == "invalid_base_model" and needle in r.json()["detail"]
     assert client.get("/v1/jobs", headers=headers).json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    "flag", [{"allow_random_init": 0}, {"allow_random_init": "true"}, {"force_quick_gelu": 1}]
+)
+def test_base_model_flags_must_be_json_booleans(
+    client: TestClient, settings: Settings, flag: dict[str, Any]
+) -> None:
+    """The schema says boolean: 0, 1 or "true" are refused, not read as booleans (schemathesis
+    found ``allow_random_init: 0`` accepted)."""
+    headers = {"Authorization": f"Bearer {_key(settings, 't')}"}
+    data = settings.data_dir / "ds"
+    data.mkdir(exist_ok=True)
+    base_model = {"arch": "ViT-B-16", "pretrained": "openai", **flag}
+    body = {"dataset_uri": f"file://{data}", "class_names": ["a", "b"], "base_model": base_model}
+    r = client.post("/v1/jobs", headers=headers, json=body)
+    assert r.status_code == 422, r.text
+    assert next(iter(flag)) in r.text
+    assert client.get("/v1/jobs", headers=headers).json()["total"] == 0
